@@ -1,0 +1,76 @@
+"""sessionscope: safe, effortless SQLAlchemy sessions and transactions, sync and async.
+
+Quick start::
+
+    from sessionscope import setup_database_connection, session_scope, with_session
+
+    setup_database_connection("postgresql://app@localhost/app")
+
+    with session_scope() as session:
+        session.add(User(name="Ann"))        # committed on exit
+
+    @with_session
+    def create_user(session, name):
+        session.add(user := User(name=name))
+        return user
+"""
+
+from ._api import (
+    async_session_scope,
+    async_with_retry,
+    async_with_session,
+    configure_session,
+    get_db,
+    get_default_manager,
+    get_session_stats,
+    on_commit,
+    reset_session_stats,
+    session_scope,
+    set_rollback,
+    setup_database_connection,
+    with_retry,
+    with_session,
+)
+from ._config import SessionConfig
+from ._errors import (
+    ActiveScopeError,
+    CommitOutcomeUnknownError,
+    NoActiveScopeError,
+    PoolExhaustedError,
+    ReadOnlyError,
+    RollbackOnlyError,
+    SessionFactoryNotInitializedError,
+    SessionScopeError,
+)
+from ._manager import SessionManager
+from ._retry import is_transient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActiveScopeError",
+    "CommitOutcomeUnknownError",
+    "NoActiveScopeError",
+    "PoolExhaustedError",
+    "ReadOnlyError",
+    "RollbackOnlyError",
+    "SessionConfig",
+    "SessionFactoryNotInitializedError",
+    "SessionManager",
+    "SessionScopeError",
+    "async_session_scope",
+    "async_with_retry",
+    "async_with_session",
+    "configure_session",
+    "get_db",
+    "get_default_manager",
+    "get_session_stats",
+    "is_transient",
+    "on_commit",
+    "reset_session_stats",
+    "session_scope",
+    "set_rollback",
+    "setup_database_connection",
+    "with_retry",
+    "with_session",
+]

@@ -1,0 +1,228 @@
+"""The module-level API: the seed's functions, acting on a default manager."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import _core
+from ._async import AsyncScope, decorate_async
+from ._config import SessionConfig, validate_overrides
+from ._errors import SessionFactoryNotInitializedError
+from ._manager import SessionManager
+from ._sync import SyncScope, decorate_sync
+
+__all__ = [
+    "async_session_scope",
+    "async_with_retry",
+    "async_with_session",
+    "configure_session",
+    "get_db",
+    "get_default_manager",
+    "get_session_stats",
+    "on_commit",
+    "reset_session_stats",
+    "session_scope",
+    "set_rollback",
+    "setup_database_connection",
+    "with_retry",
+    "with_session",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_logger = logging.getLogger("sessionscope")
+_lock = threading.Lock()
+_default: SessionManager | None = None
+_config = SessionConfig()
+_logger.setLevel(_config.log_levelno)
+
+
+def setup_database_connection(
+    url: str | URL | None = None, *, async_url: str | URL | None = None, **options: Any
+) -> SessionManager:
+    """Build the default manager's engines and session factories (lazily).
+
+    ``url`` defaults to ``DATABASE_URL``, else the embedded SQLite file
+    ``sessionscope.db``; ``async_url`` is derived from it unless given. ``options``
+    are :class:`SessionManager` keyword arguments: ``engine=``/``async_engine=`` to
+    reuse existing engines, ``session_class=``, ``session_options=``, and engine
+    options such as ``pool_size=``. Calling it again replaces the default manager
+    (dispose the old one's engines yourself if they matter); statistics carry on.
+    Nothing connects until the first statement.
+    """
+    global _default
+    with _lock:
+        manager = SessionManager(url, async_url=async_url, config=_config, **options)
+        if _default is not None:
+            manager.stats = _default.stats
+        _default = manager
+    return manager
+
+
+def get_default_manager() -> SessionManager:
+    """The manager built by :func:`setup_database_connection`.
+
+    Raises :class:`SessionFactoryNotInitializedError` before setup.
+    """
+    manager = _default
+    if manager is None:
+        raise SessionFactoryNotInitializedError()
+    return manager
+
+
+def configure_session(**fields: Any) -> SessionConfig:
+    """Set global configuration (see :class:`SessionConfig` for the fields).
+
+    Validates first: an invalid value raises ``ValueError``/``TypeError`` and
+    changes nothing. Applies to the default manager now and after a later setup;
+    decorated functions pick it up at their next call.
+    """
+    global _config
+    with _lock:
+        new = _config.merged(fields)
+        _config = new
+        if _default is not None:
+            _default.configure(**fields)
+        _logger.setLevel(new.log_levelno)
+    return new
+
+
+def session_scope(**overrides: Any) -> SyncScope:
+    """Context manager yielding a ``Session`` of the default manager.
+
+    Outermost: a new session; BEGIN happens at the first statement; COMMIT on
+    success (if ``auto_commit``), ROLLBACK on exception, always closed. Nested:
+    joins, saves a point, or opens a new session according to ``propagation``.
+    """
+    return get_default_manager().session_scope(**overrides)
+
+
+def async_session_scope(**overrides: Any) -> AsyncScope:
+    """Async context manager yielding an ``AsyncSession``; see :func:`session_scope`."""
+    return get_default_manager().async_session_scope(**overrides)
+
+
+@overload
+def with_session(func: Callable[P, T], /) -> Callable[..., T]: ...
+@overload
+def with_session(
+    func: None = None, /, **overrides: Any
+) -> Callable[[Callable[P, T]], Callable[..., T]]: ...
+
+
+def with_session(func: Callable[P, T] | None = None, /, **overrides: Any) -> Any:
+    """Decorator running a function in a session scope, the session injected into
+    its ``session`` parameter (hidden from the wrapper's signature).
+
+    Usable bare (``@with_session``) or called (``@with_session(auto_commit=False)``).
+    A session passed explicitly (positionally or ``session=``) is used and its
+    transaction joined. Transient errors are retried when the call is outermost.
+    """
+    if func is None:
+        validate_overrides(overrides)
+        return lambda f: decorate_sync(f, overrides, get_default_manager)
+    return decorate_sync(func, {}, get_default_manager)
+
+
+@overload
+def async_with_session(func: Callable[P, Awaitable[T]], /) -> Callable[..., Awaitable[T]]: ...
+@overload
+def async_with_session(
+    func: None = None, /, **overrides: Any
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[..., Awaitable[T]]]: ...
+
+
+def async_with_session(func: Callable[P, Awaitable[T]] | None = None, /, **overrides: Any) -> Any:
+    """Async twin of :func:`with_session` for ``async def`` functions."""
+    if func is None:
+        validate_overrides(overrides)
+        return lambda f: decorate_async(f, overrides, get_default_manager)
+    return decorate_async(func, {}, get_default_manager)
+
+
+def with_retry(
+    func: Callable[..., T],
+    *args: Any,
+    max_retries: int | None = None,
+    retry_delay: float | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``func(*args, **kwargs)``; on a transient database error, back off
+    exponentially (with jitter) and call it again, up to ``max_retries`` times
+    (default: ``retry_attempts``). Inside a scope it calls once: the error goes
+    to the outermost retrying boundary."""
+    return get_default_manager().with_retry(
+        func, *args, max_retries=max_retries, retry_delay=retry_delay, **kwargs
+    )
+
+
+async def async_with_retry(
+    func: Callable[..., Awaitable[T]],
+    *args: Any,
+    max_retries: int | None = None,
+    retry_delay: float | None = None,
+    **kwargs: Any,
+) -> T:
+    """Async twin of :func:`with_retry`."""
+    return await get_default_manager().async_with_retry(
+        func, *args, max_retries=max_retries, retry_delay=retry_delay, **kwargs
+    )
+
+
+def get_session_stats() -> dict[str, Any]:
+    """Statistics of the default manager: the seed keys (``session_count``,
+    ``active_sessions``, ``total_transactions``, ``failed_transactions``,
+    ``success_rate`` in percent) and more; zeros before setup."""
+    manager = _default
+    if manager is None:
+        from ._stats import Stats
+
+        snapshot = Stats().snapshot()
+        snapshot["pool"] = {}
+        return snapshot
+    return manager.get_stats()
+
+
+def reset_session_stats() -> None:
+    """Zero the default manager's counters (the ``active_sessions`` gauge is kept)."""
+    if _default is not None:
+        _default.reset_stats()
+
+
+async def get_db() -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: ``db: AsyncSession = Depends(get_db)``.
+
+    One async scope per request on the default manager: commit when the endpoint
+    returns, rollback when it raises; decorated service functions called inside
+    the request join its session.
+    """
+    async with get_default_manager().async_session_scope() as session:
+        yield session
+
+
+def on_commit(callback: Callable[[], Any]) -> None:
+    """Run ``callback`` after the outermost COMMIT of the current transaction.
+
+    Dropped if the transaction (or the savepoint it was registered in) rolls
+    back. In async scopes the callback may return an awaitable. Errors it raises
+    are logged, not raised: the data is already committed. Outside a scope raises
+    :class:`NoActiveScopeError`.
+    """
+    owner = _core.require_owner("on_commit()")
+    if owner.callbacks is None:
+        owner.callbacks = []
+    owner.callbacks.append(callback)
+
+
+def set_rollback(rollback: bool = True) -> None:
+    """Doom (or with False, un-doom) the innermost transaction or savepoint scope:
+    on exit it rolls back quietly, without raising. Outside a scope raises
+    :class:`NoActiveScopeError`."""
+    _core.require_owner("set_rollback()").doomed = rollback

@@ -1,0 +1,203 @@
+"""The asyncio front: ``async_session_scope``, ``async_with_session`` and
+``async_with_retry``.
+
+Exit decisions are the core's, run through ``AsyncSession.run_sync`` in one
+greenlet hop (commit and close together). The one async-only concern is
+cancellation: cleanup after a cancelled body runs in a shielded task, so a
+second cancellation cannot leave a connection checked out or idle in a
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import _core
+from ._decorate import log_callback_error, options_key, prepare
+from ._policy import Action
+from ._retry import retry_delay_for
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from ._config import SessionConfig
+    from ._manager import SessionManager
+
+__all__ = ["AsyncScope", "acall_with_retry", "decorate_async"]
+
+T = TypeVar("T")
+
+
+class AsyncScope:
+    """Async context manager yielding an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
+
+    Created per use by ``async_session_scope()``; not reusable once exited.
+    """
+
+    __slots__ = ("_cfg", "_explicit", "_frame", "_function", "_manager", "_token")
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        cfg: SessionConfig,
+        explicit: AsyncSession | None = None,
+        function: str | None = None,
+    ) -> None:
+        self._manager = manager
+        self._cfg = cfg
+        self._explicit = explicit
+        self._function = function
+        self._frame: _core.Frame | None = None
+        self._token: Token[_core.Frame | None] | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        cfg = self._cfg
+        manager = self._manager
+        explicit = self._explicit
+        key = _core.context_key()
+        outer = _core.find_outer(key, True, explicit.sync_session if explicit is not None else None)
+        frame = _core.new_frame(
+            cfg,
+            key,
+            outer,
+            manager._open_async,
+            manager.stats if cfg.enable_monitoring else None,
+            self._function,
+            explicit,
+        )
+        if frame.action is Action.SAVEPOINT:
+            await frame.front.run_sync(_core.begin_savepoint, frame)
+        self._frame = frame
+        self._token = _core.stack.set(frame)
+        front: AsyncSession = frame.front
+        return front
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        frame = self._frame
+        if frame is None or self._token is None:
+            raise RuntimeError("async session scope exited without being entered")
+        _core.stack.reset(self._token)
+        self._token = None
+        if frame.action is Action.JOIN:
+            _core.exit_frame(frame.session, frame, exc)  # no I/O: marks the owner at most
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            await self._cleanup_cancelled(frame, exc)
+            return
+        try:
+            callbacks = await frame.front.run_sync(_core.exit_frame, frame, exc)
+        except asyncio.CancelledError:
+            # Cancelled during COMMIT/ROLLBACK/close. The core's finally blocks ran
+            # in the greenlet; if they were cut short, drop the connection.
+            await self._cleanup_cancelled(frame, None)
+            raise
+        except sa_exc.TimeoutError as err:
+            raise self._manager._pool_exhausted(err) from err
+        if isinstance(exc, sa_exc.TimeoutError) and frame.action is Action.NEW:
+            raise self._manager._pool_exhausted(exc) from exc
+        for callback in callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as err:
+                log_callback_error(callback, err)
+
+    async def _cleanup_cancelled(self, frame: _core.Frame, exc: BaseException | None) -> None:
+        if frame.stats is not None and frame.action is Action.NEW:
+            frame.stats.cancelled()
+        front: AsyncSession = frame.front
+        if exc is not None:
+            work: Awaitable[Any] = front.run_sync(_core.exit_frame, frame, exc)
+        else:
+            work = front.run_sync(_core.abort_frame, frame)
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Cancelled again: the shielded task carries on and returns (or
+            # invalidates) the connection; the caller re-raises cancellation.
+            return
+        except Exception as err:  # a cleanup error must not replace CancelledError
+            _core.logger.warning(
+                "error while cleaning up a cancelled scope: %s", type(err).__name__
+            )
+
+
+async def acall_with_retry(
+    manager: SessionManager,
+    cfg: SessionConfig,
+    function: str | None,
+    call: Callable[[], Awaitable[T]],
+) -> T:
+    """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
+    if cfg.retry_attempts == 0 or _core.retry_boundary.get():
+        return await call()
+    token = _core.retry_boundary.set(True)
+    try:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                attempt += 1
+                delay = retry_delay_for(cfg, attempt, exc)
+                if delay is None:
+                    raise
+                _core.record_retry(
+                    manager.stats if cfg.enable_monitoring else None,
+                    cfg,
+                    exc,
+                    attempt,
+                    delay,
+                    function,
+                )
+                await asyncio.sleep(delay)
+    finally:
+        _core.retry_boundary.reset(token)
+
+
+def decorate_async(
+    func: Callable[..., Awaitable[T]],
+    overrides: Mapping[str, Any],
+    get_manager: Callable[[], SessionManager],
+) -> Callable[..., Awaitable[T]]:
+    """Async twin of :func:`._sync.decorate_sync`."""
+    injection, signature, name = prepare(
+        func, overrides, is_async=True, session_types=(AsyncSession,)
+    )
+    key = options_key(overrides)
+    requires_new = overrides.get("propagation") == "requires_new"
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        manager = get_manager()
+        cfg = manager._resolve(key, overrides)
+        explicit = injection.explicit(args, kwargs)
+
+        async def once() -> T:
+            async with AsyncScope(manager, cfg, explicit, name) as session:
+                call_args, call_kwargs = injection.call_args(args, kwargs, session)
+                return await func(*call_args, **call_kwargs)
+
+        if explicit is None and (
+            requires_new or _core.current_frame(_core.context_key(), True) is None
+        ):
+            return await acall_with_retry(manager, cfg, name, once)
+        return await once()
+
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    return wrapper

@@ -1,0 +1,232 @@
+"""Backend specifics: URLs, the SQLite BEGIN recipe, per-scope transaction settings.
+
+Everything per scope is transaction-local (``SET LOCAL``, ``SET TRANSACTION``) or
+an execution option that SQLAlchemy reverts when the connection goes back to the
+pool, or is undone by a pool ``reset`` listener, so no setting leaks to the next
+user of a pooled connection.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+
+from ._errors import ReadOnlyError
+
+__all__ = [
+    "DEFAULT_SQLITE_URL",
+    "apply_sqlite_savepoint_recipe",
+    "async_url_for",
+    "begin_statements",
+    "default_url",
+    "guard_read_only",
+    "pool_status",
+    "safe_url",
+    "sync_url_for",
+]
+
+DEFAULT_SQLITE_URL: Final = "sqlite:///sessionscope.db"
+
+_ASYNC_DRIVERS: Final = {
+    "sqlite": "aiosqlite",
+    "postgresql": "asyncpg",
+    "mysql": "aiomysql",
+    "mariadb": "aiomysql",
+}
+_SYNC_DRIVERS: Final = {
+    "sqlite": "pysqlite",
+    "postgresql": "psycopg",
+    "mysql": "pymysql",
+    "mariadb": "pymysql",
+}
+_ASYNC_DRIVER_NAMES: Final = frozenset(
+    {"aiosqlite", "asyncpg", "psycopg_async", "aiomysql", "asyncmy"}
+)
+
+
+def default_url() -> str:
+    """``DATABASE_URL`` from the environment, else the embedded SQLite file."""
+    return os.environ.get("DATABASE_URL") or DEFAULT_SQLITE_URL
+
+
+def async_url_for(url: str | URL) -> URL:
+    """Derive the async URL: sqlite -> aiosqlite, postgresql -> asyncpg,
+    mysql/mariadb -> aiomysql. An URL that already names an async driver is kept."""
+    parsed = make_url(url)
+    if parsed.get_driver_name() in _ASYNC_DRIVER_NAMES:
+        return parsed
+    backend = parsed.get_backend_name()
+    driver = _ASYNC_DRIVERS.get(backend)
+    if driver is None:
+        raise ValueError(
+            f"cannot derive an async URL for the {backend!r} backend; pass async_url= "
+            "explicitly (supported for derivation: sqlite, postgresql, mysql, mariadb)"
+        )
+    return parsed.set(drivername=f"{backend}+{driver}")
+
+
+def sync_url_for(url: str | URL) -> URL:
+    """Derive a sync URL from an async one (the reverse of :func:`async_url_for`)."""
+    parsed = make_url(url)
+    if parsed.get_driver_name() not in _ASYNC_DRIVER_NAMES:
+        return parsed
+    backend = parsed.get_backend_name()
+    driver = _SYNC_DRIVERS.get(backend)
+    if driver is None:
+        raise ValueError(f"cannot derive a sync URL for the {backend!r} backend; pass url=")
+    return parsed.set(drivername=f"{backend}+{driver}")
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as text with its password masked, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+_recipe_applied: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
+    """Make SAVEPOINTs really contain writes on pysqlite/aiosqlite.
+
+    The sqlite3 module's legacy transaction handling issues BEGIN on its own and
+    not before every statement, so a SAVEPOINT can end up outside any transaction.
+    SQLAlchemy documents the fix: switch the driver's own handling off and emit
+    BEGIN from the engine's ``begin`` event. Applied once per engine; does nothing
+    for other backends.
+    """
+    if engine.dialect.name != "sqlite" or engine in _recipe_applied:
+        return
+    _recipe_applied.add(engine)
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def begin_statements(engine: Engine, *, timeout: float | None, read_only: bool) -> list[str]:
+    """Statements to run first in a new transaction for per-scope settings.
+
+    Raises ``ValueError`` for a setting the backend cannot honour, so it is never
+    silently ignored.
+    """
+    name = engine.dialect.name
+    statements: list[str] = []
+    if timeout is not None:
+        ms = max(1, round(timeout * 1000))
+        if name == "postgresql":
+            statements.append(f"SET LOCAL statement_timeout = {ms}")
+        elif name in ("mysql", "mariadb"):
+            if getattr(engine.dialect, "is_mariadb", False):
+                statements.append(f"SET @@session.max_statement_time = {ms / 1000:.3f}")
+            else:
+                statements.append(f"SET @@session.max_execution_time = {ms}")
+            _install_mysql_reset(engine)
+        else:
+            raise ValueError(
+                f"timeout= is not supported on the {name!r} backend (it has no "
+                "server-side statement timeout); drop it for this database"
+            )
+    if read_only and name in ("mysql", "mariadb"):
+        # Applies to the next transaction only, which starts with the next statement.
+        statements.append("SET TRANSACTION READ ONLY")
+    return statements
+
+
+_mysql_reset_installed: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _install_mysql_reset(engine: Engine) -> None:
+    if engine in _mysql_reset_installed:
+        return
+    _mysql_reset_installed.add(engine)
+    variable = (
+        "max_statement_time"
+        if getattr(engine.dialect, "is_mariadb", False)
+        else ("max_execution_time")
+    )
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        # The timeout is a session variable on MySQL/MariaDB; put it back before
+        # the connection can serve anyone else.
+        if dbapi_connection is not None and record.info.pop("sessionscope_timeout", False):
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SET @@session.{variable} = DEFAULT")
+            finally:
+                cursor.close()
+
+
+def install_begin_statements(session: Session, statements: list[str]) -> None:
+    """Run ``statements`` at the start of each transaction of ``session``."""
+
+    mark_timeout = any("max_statement_time" in s or "max_execution_time" in s for s in statements)
+
+    def _after_begin(
+        sess: Session, transaction: SessionTransaction, connection: Connection
+    ) -> None:
+        if transaction.nested:
+            return
+        if mark_timeout:
+            # Tells the pool's checkin listener to restore the session variable.
+            connection.info["sessionscope_timeout"] = True
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+
+    event.listen(session, "after_begin", _after_begin)
+
+
+def guard_read_only(session: Session) -> None:
+    """Refuse ORM writes in ``session`` before they reach the server."""
+
+    def _before_flush(sess: Session, flush_context: Any, instances: Any) -> None:
+        if sess.new or sess.deleted or sess.dirty:
+            raise ReadOnlyError(
+                "this scope is read_only=True, but the session has pending changes "
+                f"({len(sess.new)} new, {len(sess.dirty)} changed, {len(sess.deleted)} "
+                "deleted objects); nothing was sent. Write in a scope without read_only."
+            )
+
+    def _do_orm_execute(state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            raise ReadOnlyError(
+                "this scope is read_only=True, but an INSERT/UPDATE/DELETE was executed "
+                "in it; nothing was sent. Write in a scope without read_only."
+            )
+
+    event.listen(session, "before_flush", _before_flush)
+    event.listen(session, "do_orm_execute", _do_orm_execute)
+
+
+def pool_status(engine: Engine | None) -> dict[str, Any]:
+    """Pool figures of ``engine``: size, checked_in, checked_out, overflow,
+    timeout and class; pools without a figure report only what they have."""
+    if engine is None:
+        return {}
+    pool = engine.pool
+    status: dict[str, Any] = {"pool_class": type(pool).__name__}
+    for key, method in (
+        ("size", "size"),
+        ("checked_in", "checkedin"),
+        ("checked_out", "checkedout"),
+        ("overflow", "overflow"),
+    ):
+        fn = getattr(pool, method, None)
+        if fn is not None:
+            try:
+                status[key] = fn()
+            except (NotImplementedError, AttributeError, TypeError):
+                pass
+    timeout = getattr(pool, "_timeout", None)
+    if isinstance(timeout, (int, float)):
+        status["timeout"] = timeout
+    return status

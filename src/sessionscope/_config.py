@@ -1,0 +1,149 @@
+"""Configuration: :class:`SessionConfig` and its validation (pure, no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal
+
+__all__ = ["PROPAGATIONS", "Propagation", "SessionConfig", "validate_overrides"]
+
+Propagation = Literal["required", "nested", "requires_new", "mandatory", "never"]
+PROPAGATIONS: Final = frozenset({"required", "nested", "requires_new", "mandatory", "never"})
+_LOG_LEVELS: Final = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+
+def _default_retry_predicate(exc: BaseException) -> bool:
+    # Imported lazily: _retry imports SQLAlchemy's exception module, and keeping the
+    # config module free of it keeps validation cheap and importable on its own.
+    from ._retry import is_transient
+
+    return is_transient(exc)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Settings of a manager, or of one scope after its overrides were applied.
+
+    The first six fields and their defaults are the seed's. Every field can be set
+    globally with :func:`configure_session` and overridden for one scope or one
+    decorated function (``session_scope(auto_commit=False)``).
+
+    Invalid values raise ``ValueError`` / ``TypeError`` when the config is built,
+    that is at ``configure_session()``, scope entry or decoration time.
+    """
+
+    auto_commit: bool = True
+    """Commit on successful exit of a scope that owns its transaction."""
+    auto_rollback: bool = True
+    """On an exception, roll back; a joined scope marks its owner rollback-only."""
+    enable_monitoring: bool = True
+    """Record statistics (see :func:`get_session_stats`)."""
+    log_level: str = "INFO"
+    """Level of the ``sessionscope`` logger; per scope it only raises the threshold."""
+    retry_attempts: int = 3
+    """Retries (not counting the first attempt) of transient errors; 0 disables."""
+    retry_delay: float = 1.0
+    """First backoff delay in seconds; it doubles per attempt, with jitter."""
+
+    retry_max_delay: float = 30.0
+    """Cap of one backoff delay, seconds."""
+    retry_predicate: Callable[[BaseException], bool] = _default_retry_predicate
+    """Decides whether an error is transient. Replace it, or extend it with
+    ``lambda e: sessionscope.is_transient(e) or mine(e)``."""
+    propagation: Propagation = "required"
+    """How a scope relates to an enclosing one; see the README's table."""
+    read_only: bool = False
+    """Refuse writes (before they reach the server) and, where the backend can,
+    open a read-only transaction."""
+    isolation_level: str | None = None
+    """Transaction isolation for a scope that opens its own session."""
+    timeout: float | None = None
+    """Statement timeout in seconds for a scope that opens its own session
+    (PostgreSQL ``SET LOCAL statement_timeout``; MariaDB ``max_statement_time``)."""
+    durable: bool = False
+    """The scope must be outermost; raises :class:`ActiveScopeError` otherwise."""
+    expire_on_commit: bool = False
+    """Expire ORM objects on commit. Off, so returned objects stay usable."""
+    slow_threshold: float = 1.0
+    """A transaction longer than this many seconds counts as slow and is logged."""
+    long_session_warning: float | None = 60.0
+    """Warn once (with where it was opened) about a session held longer than this."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "auto_commit",
+            "auto_rollback",
+            "enable_monitoring",
+            "read_only",
+            "durable",
+            "expire_on_commit",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.log_level, str) or self.log_level.upper() not in _LOG_LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        if isinstance(self.retry_attempts, bool) or not isinstance(self.retry_attempts, int):
+            raise TypeError(f"retry_attempts must be an int, got {self.retry_attempts!r}")
+        if self.retry_attempts < 0:
+            raise ValueError(
+                f"retry_attempts must be >= 0 (0 disables retry), got {self.retry_attempts}"
+            )
+        for name in ("retry_delay", "retry_max_delay", "slow_threshold"):
+            _check_seconds(name, getattr(self, name), optional=False)
+        for name in ("timeout", "long_session_warning"):
+            _check_seconds(name, getattr(self, name), optional=True)
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {self.timeout}")
+        if not callable(self.retry_predicate):
+            raise TypeError("retry_predicate must be a callable taking the exception")
+        if self.propagation not in PROPAGATIONS:
+            raise ValueError(
+                f"unknown propagation {self.propagation!r}; use one of "
+                f"{', '.join(sorted(PROPAGATIONS))}"
+            )
+        if self.isolation_level is not None and not isinstance(self.isolation_level, str):
+            raise TypeError(f"isolation_level must be a str or None, got {self.isolation_level!r}")
+
+    @property
+    def log_levelno(self) -> int:
+        """The numeric logging level of :attr:`log_level`."""
+        return _LOG_LEVELS[self.log_level.upper()]
+
+    def merged(self, overrides: Mapping[str, Any]) -> SessionConfig:
+        """Return a copy with ``overrides`` applied (validated)."""
+        if not overrides:
+            return self
+        validate_overrides(overrides)
+        return dataclasses.replace(self, **overrides)
+
+
+_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(SessionConfig))
+
+
+def validate_overrides(overrides: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` for names that are not :class:`SessionConfig` fields."""
+    unknown = set(overrides) - _FIELDS
+    if unknown:
+        raise TypeError(
+            f"unknown session option(s): {', '.join(sorted(unknown))}; "
+            f"valid options are {', '.join(sorted(_FIELDS))}"
+        )
+
+
+def _check_seconds(name: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value}")

@@ -1,0 +1,463 @@
+"""The transaction logic, written once as synchronous code over ``Session``.
+
+The sync front calls these functions directly; the async front runs the ones
+that do I/O through ``AsyncSession.run_sync`` (SQLAlchemy's greenlet bridge), so
+every enter/exit decision exists in exactly one place.
+
+A scope is represented by a :class:`Frame`. The innermost frame of the current
+thread or asyncio task lives in a ``ContextVar``; frames form a chain through
+``parent``. Frames remember the thread or task that opened them (``key``), so a
+child task that inherits the context never joins its parent's session by
+accident: sessions are not safe for concurrent use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from asyncio import current_task
+from asyncio.events import _get_running_loop
+from collections.abc import Callable
+from contextvars import ContextVar
+from threading import get_ident
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._errors import (
+    CommitOutcomeUnknownError,
+    NoActiveScopeError,
+    PoolExhaustedError,
+    RollbackOnlyError,
+)
+from ._policy import Action, decide
+from ._retry import is_disconnect
+
+if TYPE_CHECKING:
+    from ._config import SessionConfig
+    from ._stats import Stats
+
+__all__ = [
+    "Frame",
+    "abort_frame",
+    "begin_savepoint",
+    "context_key",
+    "current_frame",
+    "exit_frame",
+    "find_outer",
+    "new_frame",
+    "pool_exhausted",
+    "record_retry",
+    "require_owner",
+    "retry_boundary",
+    "stack",
+]
+
+logger = logging.getLogger("sessionscope")
+
+Callback = Callable[[], Any]
+
+stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
+# True while a with_retry()/async_with_retry() call runs its function: decorated
+# functions inside it leave retrying to that outer boundary instead of nesting
+# retry loops.
+retry_boundary: ContextVar[bool] = ContextVar("sessionscope_retrying", default=False)
+
+
+class Frame:
+    """One active scope.
+
+    ``owner`` is the innermost frame that owns a transaction or savepoint (itself
+    for NEW and SAVEPOINT frames); a JOIN frame on a session sessionscope did not
+    open has no owner. ``front`` is what the user sees: the ``Session``, or the
+    ``AsyncSession`` whose ``sync_session`` is ``session``.
+    """
+
+    __slots__ = (
+        "action",
+        "callbacks",
+        "cause",
+        "cfg",
+        "done",
+        "doomed",
+        "front",
+        "function",
+        "is_async",
+        "key",
+        "owner",
+        "parent",
+        "rollback_only",
+        "savepoint",
+        "session",
+        "started",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        action: Action,
+        session: Session,
+        front: Any,
+        parent: Frame | None,
+        cfg: SessionConfig,
+        key: object,
+        stats: Stats | None,
+        function: str | None,
+    ) -> None:
+        self.action = action
+        self.session = session
+        self.front = front
+        self.parent = parent
+        self.cfg = cfg
+        self.key = key
+        self.is_async = front is not session and front is not None
+        self.stats = stats
+        self.function = function
+        self.owner: Frame | None = (
+            self if action is not Action.JOIN else (parent.owner if parent is not None else None)
+        )
+        self.savepoint: SessionTransaction | None = None
+        self.rollback_only = False
+        self.doomed = False
+        self.done = False
+        self.cause: BaseException | None = None
+        self.callbacks: list[Callback] | None = None
+        self.started = 0.0
+
+
+def context_key() -> object:
+    """Who is running: the current asyncio task, else the current thread's id."""
+    if _get_running_loop() is not None:
+        task = current_task()
+        if task is not None:
+            return task
+    return get_ident()
+
+
+def current_frame(key: object, is_async: bool | None = None) -> Frame | None:
+    """The innermost frame opened by ``key`` (from :func:`context_key`), of the given
+    kind (sync or async; either if None). Sync and async scopes never join each
+    other: an ``AsyncSession`` cannot serve blocking code, nor the reverse."""
+    frame = stack.get()
+    while frame is not None and (
+        frame.key != key or (is_async is not None and frame.is_async is not is_async)
+    ):
+        frame = frame.parent
+    return frame
+
+
+def find_outer(key: object, is_async: bool, explicit: Session | None) -> Frame | None:
+    """The frame a new scope relates to.
+
+    With an explicit session: the frame that holds it, whoever opened it, or a
+    detached JOIN frame standing for a session sessionscope did not open (its
+    transaction belongs to the caller; nothing marks it rollback-only).
+    """
+    if explicit is None:
+        return current_frame(key, is_async)
+    frame = stack.get()
+    while frame is not None:
+        if frame.session is explicit:
+            return frame
+        frame = frame.parent
+    return Frame(Action.JOIN, explicit, None, None, _DETACHED_CFG, key, None, None)
+
+
+def new_frame(
+    cfg: SessionConfig,
+    key: object,
+    outer: Frame | None,
+    open_session: Callable[[SessionConfig], tuple[Session, Any]],
+    stats: Stats | None,
+    function: str | None,
+    explicit_front: Any = None,
+) -> Frame:
+    """Decide what a scope does (raising for mandatory/never/durable) and build
+    its frame. Opens a ``Session`` object for NEW, which touches no connection.
+    The caller pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
+    """
+    action = decide(cfg.propagation, outer is not None, cfg.durable)
+    if action is Action.NEW:
+        session, front = open_session(cfg)
+        frame = Frame(action, session, front, outer, cfg, key, stats, function)
+        if stats is not None:
+            stats.session_opened()
+        frame.started = time.perf_counter()
+        if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
+            logger.debug("session opened (%s)", function or "scope")
+        return frame
+    assert outer is not None  # decide() returns NEW when there is no outer frame
+    front = outer.front if outer.front is not None else explicit_front
+    frame = Frame(action, outer.session, front, outer, cfg, key, stats, function)
+    frame.started = time.perf_counter()
+    return frame
+
+
+def begin_savepoint(session: Session, frame: Frame) -> None:
+    """Emit SAVEPOINT for a SAVEPOINT frame (BEGINs the outer transaction if needed)."""
+    frame.savepoint = session.begin_nested()
+    if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+        logger.debug("savepoint begun (%s)", frame.function or "scope")
+
+
+def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
+    """Finish a frame: the whole exit decision table.
+
+    Returns the ``on_commit`` callbacks to run now (after an outermost COMMIT);
+    the caller runs them outside any transaction. Raises the COMMIT error,
+    :class:`RollbackOnlyError`, or :class:`CommitOutcomeUnknownError` when the
+    scope body succeeded; when the body raised, cleanup errors are logged and
+    never shadow the body's exception.
+    """
+    action = frame.action
+    if action is Action.JOIN:
+        if exc is not None and frame.cfg.auto_rollback and frame.owner is not None:
+            _mark_rollback_only(frame.owner, exc)
+        return []
+    if action is Action.SAVEPOINT:
+        _exit_savepoint(frame, exc)
+        return []
+    return _exit_root(session, frame, exc)
+
+
+def _mark_rollback_only(owner: Frame, exc: BaseException) -> None:
+    if not owner.rollback_only:
+        owner.rollback_only = True
+        owner.cause = exc
+        if logger.isEnabledFor(logging.DEBUG) and owner.cfg.log_levelno <= logging.DEBUG:
+            logger.debug(
+                "transaction marked rollback-only by %s escaping a joined scope",
+                type(exc).__name__,
+            )
+
+
+def _promote_callbacks(frame: Frame) -> None:
+    if not frame.callbacks:
+        return
+    target = frame.parent.owner if frame.parent is not None else None
+    if target is None:
+        logger.warning(
+            "dropping %d on_commit callback(s): the savepoint was released into a "
+            "session sessionscope does not own, so it cannot see its COMMIT",
+            len(frame.callbacks),
+        )
+        return
+    if target.callbacks is None:
+        target.callbacks = []
+    target.callbacks.extend(frame.callbacks)
+
+
+def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
+    savepoint = frame.savepoint
+    keep = (exc is None and not frame.rollback_only and not frame.doomed) or (
+        exc is not None and not frame.cfg.auto_rollback
+    )
+    stats = frame.stats
+    if keep:
+        if savepoint is not None and savepoint.is_active:
+            try:
+                savepoint.commit()
+            except BaseException:
+                _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
+                if stats is not None:
+                    stats.savepoint_ended(rolled_back=True)
+                raise
+        _promote_callbacks(frame)
+        if stats is not None:
+            stats.savepoint_ended(rolled_back=False)
+        return
+    if savepoint is not None and savepoint.is_active:
+        if exc is None:
+            savepoint.rollback()
+        else:
+            _quietly(savepoint.rollback, "rolling back to a savepoint")
+    if stats is not None:
+        stats.savepoint_ended(rolled_back=True)
+    if exc is None and frame.rollback_only:
+        raise RollbackOnlyError(
+            "the savepoint scope was rolled back instead of released: an exception "
+            f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
+            "was partial. Catch the error inside the inner scope, or give the inner "
+            'scope propagation="nested" so its failure is contained.'
+        ) from frame.cause
+
+
+def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
+    cfg = frame.cfg
+    committed = False
+    failed = exc is not None
+    callbacks: list[Callback] = []
+    try:
+        if exc is None:
+            if frame.rollback_only:
+                failed = True
+                if session.in_transaction():
+                    session.rollback()
+                if cfg.auto_commit:
+                    raise RollbackOnlyError(
+                        "the transaction was rolled back instead of committed: an "
+                        f"exception ({type(frame.cause).__name__}) escaped a joined inner "
+                        "scope, so its work was partial. Catch the error inside the "
+                        "inner scope, or give the inner scope "
+                        'propagation="nested" so its failure is contained.'
+                    ) from frame.cause
+            elif cfg.auto_commit and not frame.doomed and session.in_transaction():
+                _commit(session)
+                committed = True
+                if frame.callbacks:
+                    callbacks = frame.callbacks
+            # Otherwise (auto_commit=False, set_rollback(True)): close() below
+            # returns the connection, whose reset rolls the work back.
+        elif cfg.auto_rollback and session.in_transaction():
+            _quietly(session.rollback, "rolling back after an exception")
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _close(session, frame, committed=committed, failed=failed)
+    return callbacks
+
+
+def _commit(session: Session) -> None:
+    # Flush first: a failure there happened before COMMIT was sent, so its
+    # outcome is known (nothing committed) and a transient one may be retried.
+    session.flush()
+    try:
+        session.commit()
+    except sa_exc.DBAPIError as err:
+        if is_disconnect(err):
+            raise CommitOutcomeUnknownError(
+                "the connection was lost while COMMIT was in flight "
+                f"({type(err.orig).__name__ if err.orig is not None else type(err).__name__}); "
+                "the server may or may not have committed. This is never retried: "
+                "check the data (or use an idempotency key) before running the work again."
+            ) from err
+        raise
+
+
+def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> None:
+    """Close the session and record the outcome; invalidate the connection if the
+    close itself fails, so no connection stays checked out or idle in transaction."""
+    if frame.done:
+        return
+    frame.done = True
+    try:
+        session.close()
+    except BaseException:
+        _quietly(session.invalidate, "invalidating a connection whose close failed")
+        raise
+    finally:
+        duration = time.perf_counter() - frame.started
+        stats = frame.stats
+        cfg = frame.cfg
+        if stats is not None:
+            slow = stats.transaction_ended(
+                committed=committed,
+                failed=failed,
+                duration=duration,
+                slow_threshold=cfg.slow_threshold,
+                function=frame.function,
+            )
+            if slow and cfg.log_levelno <= logging.WARNING:
+                logger.warning(
+                    "slow transaction: %s took %.3f s (slow_threshold %.3f s)",
+                    frame.function or "scope",
+                    duration,
+                    cfg.slow_threshold,
+                )
+        if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
+            logger.debug(
+                "session closed (%s): %s in %.6f s",
+                frame.function or "scope",
+                "committed" if committed else "rolled back",
+                duration,
+            )
+
+
+def abort_frame(session: Session, frame: Frame) -> None:
+    """Last-resort cleanup after the normal exit was itself interrupted (a second
+    cancellation): drop the connection without any I/O and record the end."""
+    if frame.action is not Action.NEW or frame.done:
+        return
+    _quietly(session.invalidate, "invalidating the connection of an interrupted scope")
+    _close(session, frame, committed=False, failed=True)
+
+
+def _quietly(action: Callable[[], object], what: str) -> None:
+    # Used only where another exception is already on its way out: a cleanup
+    # error must not shadow it, but must not vanish either.
+    try:
+        action()
+    except Exception as err:
+        logger.warning("error while %s: %s", what, type(err).__name__)
+
+
+def pool_exhausted(err: sa_exc.TimeoutError, status: dict[str, Any]) -> PoolExhaustedError:
+    """Build the user-facing error for a pool checkout timeout."""
+    state = ", ".join(f"{k}={v}" for k, v in status.items())
+    return PoolExhaustedError(
+        f"no database connection available: the pool is exhausted ({state}). "
+        "Sessions are being held too long or there is more concurrent work than "
+        "pool_size + max_overflow; look at get_session_stats()['active_sessions'] "
+        "and the long-held session warnings, or raise pool_size/max_overflow."
+    )
+
+
+def require_owner(what: str) -> Frame:
+    """The innermost frame owning a transaction or savepoint, for ``on_commit`` and
+    ``set_rollback``; raises :class:`NoActiveScopeError` outside any scope."""
+    frame = current_frame(context_key())
+    owner = frame.owner if frame is not None else None
+    if owner is None:
+        raise NoActiveScopeError(
+            f"{what} needs an active session scope that owns its transaction, and none "
+            "is active in this thread or task. Call it inside session_scope(), "
+            "async_session_scope() or a decorated function."
+        )
+    return owner
+
+
+def record_retry(
+    stats: Stats | None,
+    cfg: SessionConfig,
+    exc: BaseException,
+    attempt: int,
+    delay: float,
+    function: str | None,
+) -> None:
+    """Count a retry and log it at WARNING with the error class and code only
+    (never the message: it can hold SQL and bound parameters)."""
+    if stats is not None:
+        stats.retried(exc)
+    if cfg.log_levelno <= logging.WARNING:
+        orig = getattr(exc, "orig", None)
+        code = _error_code(orig) if orig is not None else None
+        logger.warning(
+            "retrying %s after transient %s%s (retry %d of %d, next attempt in %.2f s)",
+            function or "callable",
+            type(exc).__name__,
+            f" [{type(orig).__name__} {code}]" if code else "",
+            attempt,
+            cfg.retry_attempts,
+            delay,
+        )
+
+
+def _error_code(orig: BaseException) -> str | None:
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(orig, attr, None) or getattr(orig.__cause__, attr, None)
+        if isinstance(value, str):
+            return value
+    if orig.args and isinstance(orig.args[0], int):
+        return str(orig.args[0])
+    return None
+
+
+def _detached_config() -> SessionConfig:
+    from ._config import SessionConfig
+
+    return SessionConfig(enable_monitoring=False)
+
+
+_DETACHED_CFG = _detached_config()

@@ -1,0 +1,145 @@
+"""What the sync and async decorators share: validation at decoration time,
+finding and hiding the ``session`` parameter, and injecting the session."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+from sqlalchemy.exc import StatementError
+
+from ._config import SessionConfig
+
+__all__ = ["Injection", "options_key", "prepare", "run_callbacks_sync"]
+
+logger = logging.getLogger("sessionscope")
+
+_SESSION_PARAM = "session"
+
+
+class Injection:
+    """Where the ``session`` parameter of a decorated function sits, and how to
+    tell an explicitly passed session from the caller's other arguments."""
+
+    __slots__ = ("index", "keyword_only", "session_types")
+
+    def __init__(self, index: int, keyword_only: bool, session_types: tuple[type, ...]) -> None:
+        self.index = index
+        self.keyword_only = keyword_only
+        self.session_types = session_types
+
+    def explicit(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The session the caller passed (``session=`` or positionally), else None."""
+        if _SESSION_PARAM in kwargs:
+            return kwargs[_SESSION_PARAM]
+        if not self.keyword_only and len(args) > self.index:
+            candidate = args[self.index]
+            if isinstance(candidate, self.session_types):
+                return candidate
+        return None
+
+    def call_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments with ``session`` put in place of the hidden parameter."""
+        if _SESSION_PARAM in kwargs:
+            kwargs = dict(kwargs)
+            kwargs[_SESSION_PARAM] = session
+            return args, kwargs
+        if not self.keyword_only and len(args) > self.index:
+            if isinstance(args[self.index], self.session_types):
+                return (*args[: self.index], session, *args[self.index + 1 :]), kwargs
+            return (*args[: self.index], session, *args[self.index :]), kwargs
+        if not self.keyword_only and len(args) == self.index:
+            return (*args, session), kwargs
+        kwargs = dict(kwargs)
+        kwargs[_SESSION_PARAM] = session
+        return args, kwargs
+
+
+def prepare(
+    func: Callable[..., Any],
+    overrides: Mapping[str, Any],
+    *,
+    is_async: bool,
+    session_types: tuple[type, ...],
+) -> tuple[Injection, inspect.Signature, str]:
+    """Validate a function and overrides at decoration time.
+
+    Raises ``TypeError`` for a generator or async generator function (the scope
+    would close before the caller consumes it), for a sync function given to the
+    async decorator or the reverse, and for a function without a ``session``
+    parameter; ``ValueError``/``TypeError`` for invalid overrides.
+    Returns the injection plan, the public signature (without ``session``) and
+    the function's qualified name for statistics.
+    """
+    decorator = "async_with_session" if is_async else "with_session"
+    if not callable(func):
+        raise TypeError(f"{decorator} decorates a function, got {func!r}")
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            f"{decorator} cannot decorate the generator function {func.__qualname__}: "
+            "its scope would end before the caller iterates it. Collect the results "
+            "into a list inside the function, or open a scope inside the generator."
+        )
+    if is_async and not inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"async_with_session needs an async def function, got {func.__qualname__}; "
+            "use with_session for regular functions"
+        )
+    if not is_async and inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"with_session cannot decorate the coroutine function {func.__qualname__}; "
+            "use async_with_session"
+        )
+    SessionConfig().merged(overrides)  # raises now, not at the first call
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    found = [(i, p) for i, p in enumerate(params) if p.name == _SESSION_PARAM]
+    if not found:
+        raise TypeError(
+            f"{decorator} injects the session into a parameter named 'session', and "
+            f"{func.__qualname__}{signature} has none; add 'session' as a parameter"
+        )
+    index, param = found[0]
+    if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        raise TypeError(f"the 'session' parameter of {func.__qualname__} cannot be *args/**kwargs")
+    keyword_only = param.kind is param.KEYWORD_ONLY
+    public = signature.replace(parameters=[p for p in params if p.name != _SESSION_PARAM])
+    name = f"{func.__module__}.{func.__qualname__}"
+    return Injection(index, keyword_only, session_types), public, name
+
+
+def options_key(overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    """A hashable key for caching a resolved config, or None if a value is unhashable."""
+    if not overrides:
+        return ()
+    items = tuple(overrides.items())
+    for _, value in items:
+        if not isinstance(value, Hashable):
+            return None
+    return items
+
+
+def log_callback_error(callback: Callable[..., Any], err: BaseException) -> None:
+    """Log a failed ``on_commit`` callback: the transaction is already committed,
+    so the error must not make the scope look failed, nor vanish."""
+    name = getattr(callback, "__qualname__", repr(callback))
+    # A StatementError's text carries SQL and bound parameters: class name only.
+    logger.error(
+        "on_commit callback %s failed after COMMIT: %s",
+        name,
+        type(err).__name__,
+        exc_info=None if isinstance(err, StatementError) else err,
+    )
+
+
+def run_callbacks_sync(callbacks: list[Callable[[], Any]]) -> None:
+    """Run ``on_commit`` callbacks in registration order; failures are logged."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception as err:
+            log_callback_error(callback, err)

@@ -1,0 +1,405 @@
+"""``SessionManager``: engines, session factories, config and statistics of one
+database; the module-level API acts on a default instance."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, ParamSpec, TypeVar, overload
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, create_engine, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import _backend, _core
+from ._async import AsyncScope, acall_with_retry, decorate_async
+from ._config import SessionConfig, validate_overrides
+from ._decorate import options_key
+from ._errors import PoolExhaustedError
+from ._stats import Stats
+from ._sync import SyncScope, call_with_retry, decorate_sync
+
+__all__ = ["SessionManager"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CACHE_LIMIT = 256
+
+
+class SessionManager:
+    """Engines, session factories, configuration and statistics of one database.
+
+    ``SessionManager()`` with no URL uses ``DATABASE_URL`` or the embedded SQLite
+    file. The async URL is derived from the sync one unless given. An existing
+    ``Engine`` / ``AsyncEngine`` can be passed instead of URLs, so an application
+    keeps its engine (and its own ``get_db()``) while it migrates. Remaining
+    keyword arguments are engine options (``pool_size=...``, ``echo=...``).
+
+    Engines are created on first use, so constructing a manager never connects
+    and never imports a driver that is not used.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        async_url: str | URL | None = None,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        config: SessionConfig | None = None,
+        session_class: type[Session] | None = None,
+        async_session_class: type[AsyncSession] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if url is not None and engine is not None:
+            raise TypeError("pass either url= or engine=, not both")
+        if async_url is not None and async_engine is not None:
+            raise TypeError("pass either async_url= or async_engine=, not both")
+        if url is None and engine is None:
+            if async_engine is not None:
+                url = _backend.sync_url_for(async_engine.url)
+            elif async_url is not None:
+                url = _backend.sync_url_for(async_url)
+            else:
+                url = _backend.default_url()
+        self._url: URL | None = None if engine is not None else make_url(url)  # type: ignore[arg-type]
+        self._async_url = async_url
+        self._engine = engine
+        self._async_engine = async_engine
+        self._engine_options = dict(engine_options)
+        self._session_options = dict(session_options or {})
+        self._session_options.setdefault("expire_on_commit", False)
+        self._session_class = session_class
+        self._async_session_class = async_session_class
+        self._lock = threading.Lock()
+        self._sync_factory: sessionmaker[Session] | None = None
+        self._async_factory: async_sessionmaker[AsyncSession] | None = None
+        self._config = config if config is not None else SessionConfig()
+        self._resolved: dict[tuple[tuple[str, Any], ...], SessionConfig] = {}
+        self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.stats = Stats()
+        self.name = name or _backend.safe_url(self.url)
+        if engine is not None:
+            _backend.apply_sqlite_savepoint_recipe(engine)
+        if async_engine is not None:
+            _backend.apply_sqlite_savepoint_recipe(async_engine.sync_engine)
+
+    def __repr__(self) -> str:
+        return f"SessionManager({self.name!r})"
+
+    # -- engines and factories -------------------------------------------------
+
+    @property
+    def url(self) -> URL:
+        """The sync database URL (render it with ``hide_password`` when logging)."""
+        if self._engine is not None:
+            return self._engine.url
+        assert self._url is not None
+        return self._url
+
+    @property
+    def async_url(self) -> URL:
+        """The async URL: as given, or derived from :attr:`url`."""
+        if self._async_engine is not None:
+            return self._async_engine.url
+        if self._async_url is not None:
+            return make_url(self._async_url)
+        return _backend.async_url_for(self.url)
+
+    @property
+    def engine(self) -> Engine:
+        """The sync engine, created on first use."""
+        engine = self._engine
+        if engine is None:
+            with self._lock:
+                engine = self._engine
+                if engine is None:
+                    engine = create_engine(self.url, **self._engine_options)
+                    _backend.apply_sqlite_savepoint_recipe(engine)
+                    self._engine = engine
+        return engine
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The async engine, created on first use."""
+        engine = self._async_engine
+        if engine is None:
+            with self._lock:
+                engine = self._async_engine
+                if engine is None:
+                    engine = create_async_engine(self.async_url, **self._engine_options)
+                    _backend.apply_sqlite_savepoint_recipe(engine.sync_engine)
+                    self._async_engine = engine
+        return engine
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        """The ``sessionmaker`` behind sync scopes."""
+        factory = self._sync_factory
+        if factory is None:
+            kw = dict(self._session_options)
+            if self._session_class is not None:
+                kw["class_"] = self._session_class
+            factory = self._sync_factory = sessionmaker(self.engine, **kw)
+        return factory
+
+    @property
+    def async_session_factory(self) -> async_sessionmaker[AsyncSession]:
+        """The ``async_sessionmaker`` behind async scopes."""
+        factory = self._async_factory
+        if factory is None:
+            kw = dict(self._session_options)
+            if self._async_session_class is not None:
+                kw["class_"] = self._async_session_class
+            elif self._session_class is not None:
+                kw["sync_session_class"] = self._session_class
+            factory = self._async_factory = async_sessionmaker(self.async_engine, **kw)
+        return factory
+
+    def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
+        if (
+            cfg.isolation_level is None
+            and not cfg.read_only
+            and cfg.timeout is None
+            and cfg.expire_on_commit is self._session_options["expire_on_commit"]
+        ):
+            session = self.session_factory()
+        else:
+            session = self._open_with_options(cfg, self.session_factory, self.engine, False)
+        return session, session
+
+    def _open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
+        if (
+            cfg.isolation_level is None
+            and not cfg.read_only
+            and cfg.timeout is None
+            and cfg.expire_on_commit is self._session_options["expire_on_commit"]
+        ):
+            front = self.async_session_factory()
+        else:
+            front = self._open_with_options(
+                cfg, self.async_session_factory, self.async_engine, True
+            )
+        return front.sync_session, front
+
+    def _open_with_options(
+        self, cfg: SessionConfig, factory: Callable[..., Any], engine: Any, is_async: bool
+    ) -> Any:
+        sync_engine: Engine = engine.sync_engine if is_async else engine
+        cache_key = (
+            is_async,
+            cfg.isolation_level,
+            cfg.read_only,
+            cfg.expire_on_commit,
+            cfg.timeout,
+        )
+        kw = self._session_kw.get(cache_key)
+        if kw is None:
+            options: dict[str, Any] = {}
+            if cfg.isolation_level is not None:
+                options["isolation_level"] = cfg.isolation_level
+            if cfg.read_only and sync_engine.dialect.name == "postgresql":
+                options["postgresql_readonly"] = True
+            kw = {"expire_on_commit": cfg.expire_on_commit}
+            if options:
+                # An option engine shares the pool; SQLAlchemy reverts the isolation
+                # level when the connection is returned, so nothing leaks.
+                kw["bind"] = engine.execution_options(**options)
+            statements = _backend.begin_statements(
+                sync_engine, timeout=cfg.timeout, read_only=cfg.read_only
+            )
+            kw["_statements"] = statements
+            if len(self._session_kw) < _CACHE_LIMIT:
+                self._session_kw[cache_key] = kw
+        statements = kw["_statements"]
+        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
+        sync_session = session.sync_session if is_async else session
+        if statements:
+            _backend.install_begin_statements(sync_session, statements)
+        if cfg.read_only:
+            _backend.guard_read_only(sync_session)
+        return session
+
+    # -- configuration ---------------------------------------------------------
+
+    @property
+    def config(self) -> SessionConfig:
+        """The current configuration of this manager."""
+        return self._config
+
+    def configure(self, **fields: Any) -> SessionConfig:
+        """Change this manager's configuration; returns the new config.
+
+        Validates first: on an invalid value nothing changes.
+        """
+        new = self._config.merged(fields)
+        self._config = new
+        self._resolved = {}
+        return new
+
+    def _resolve(
+        self, key: tuple[tuple[str, Any], ...] | None, overrides: Mapping[str, Any]
+    ) -> SessionConfig:
+        if not overrides:
+            return self._config
+        if key is None:
+            return self._config.merged(overrides)
+        cfg = self._resolved.get(key)
+        if cfg is None:
+            cfg = self._config.merged(overrides)
+            if len(self._resolved) < _CACHE_LIMIT:
+                self._resolved[key] = cfg
+        return cfg
+
+    # -- scopes ----------------------------------------------------------------
+
+    def session_scope(self, **overrides: Any) -> SyncScope:
+        """A context manager yielding a ``Session`` in a transaction scope."""
+        return SyncScope(self, self._resolve(options_key(overrides), overrides))
+
+    def async_session_scope(self, **overrides: Any) -> AsyncScope:
+        """An async context manager yielding an ``AsyncSession`` in a transaction scope."""
+        return AsyncScope(self, self._resolve(options_key(overrides), overrides))
+
+    @overload
+    def with_session(self, func: Callable[P, T], /) -> Callable[..., T]: ...
+    @overload
+    def with_session(
+        self, func: None = None, /, **overrides: Any
+    ) -> Callable[[Callable[P, T]], Callable[..., T]]: ...
+
+    def with_session(self, func: Callable[P, T] | None = None, /, **overrides: Any) -> Any:
+        """Decorator: run the function in a scope of this manager; see
+        :func:`sessionscope.with_session`."""
+        if func is None:
+            validate_overrides(overrides)
+            return lambda f: decorate_sync(f, overrides, self._self)
+        return decorate_sync(func, {}, self._self)
+
+    @overload
+    def async_with_session(
+        self, func: Callable[P, Awaitable[T]], /
+    ) -> Callable[..., Awaitable[T]]: ...
+    @overload
+    def async_with_session(
+        self, func: None = None, /, **overrides: Any
+    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[..., Awaitable[T]]]: ...
+
+    def async_with_session(
+        self, func: Callable[P, Awaitable[T]] | None = None, /, **overrides: Any
+    ) -> Any:
+        """Async decorator: see :func:`sessionscope.async_with_session`."""
+        if func is None:
+            validate_overrides(overrides)
+            return lambda f: decorate_async(f, overrides, self._self)
+        return decorate_async(func, {}, self._self)
+
+    def _self(self) -> SessionManager:
+        return self
+
+    def with_retry(
+        self,
+        func: Callable[..., T],
+        *args: Any,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Call ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
+        cfg = self._retry_config(max_retries, retry_delay)
+        name = getattr(func, "__qualname__", None)
+        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs))
+
+    async def async_with_retry(
+        self,
+        func: Callable[..., Awaitable[T]],
+        *args: Any,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Await ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
+        cfg = self._retry_config(max_retries, retry_delay)
+        name = getattr(func, "__qualname__", None)
+        return await acall_with_retry(self, cfg, name, lambda: func(*args, **kwargs))
+
+    def _retry_config(self, max_retries: int | None, retry_delay: float | None) -> SessionConfig:
+        overrides: dict[str, Any] = {}
+        if max_retries is not None:
+            overrides["retry_attempts"] = max_retries
+        if retry_delay is not None:
+            overrides["retry_delay"] = retry_delay
+        cfg = self._resolve(options_key(overrides), overrides)
+        if _core.current_frame(_core.context_key()) is not None:
+            # Inside a scope the work cannot be re-run alone: the enclosing
+            # transaction is already spoiled. Let the error reach the outermost
+            # retrying boundary.
+            return cfg.merged({"retry_attempts": 0})
+        return cfg
+
+    async def get_db(self) -> AsyncIterator[AsyncSession]:
+        """FastAPI dependency (``Depends(manager.get_db)``): one async scope per request.
+
+        Commits when the endpoint returns, rolls back when it raises; decorated
+        functions called with (or inside) it join its session.
+        """
+        async with self.async_session_scope() as session:
+            yield session
+
+    def get_sync_db(self) -> Iterator[Session]:
+        """Sync twin of :meth:`get_db` for sync path functions."""
+        with self.session_scope() as session:
+            yield session
+
+    # -- monitoring --------------------------------------------------------------
+
+    def pool_status(self) -> dict[str, Any]:
+        """Pool figures of the engines created so far (``sync`` and ``async``)."""
+        status: dict[str, Any] = {}
+        if self._engine is not None:
+            status["sync"] = _backend.pool_status(self._engine)
+        if self._async_engine is not None:
+            status["async"] = _backend.pool_status(self._async_engine.sync_engine)
+        return status
+
+    def get_stats(self) -> dict[str, Any]:
+        """Statistics of this manager, with its pool status under ``"pool"``."""
+        snapshot = self.stats.snapshot()
+        snapshot["pool"] = self.pool_status()
+        return snapshot
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the live ``active_sessions`` gauge is kept)."""
+        self.stats.reset()
+
+    def _pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
+        status: dict[str, Any] = {}
+        for side, figures in self.pool_status().items():
+            for key, value in figures.items():
+                if key != "pool_class":
+                    status[f"{side}_{key}"] = value
+        status["active_sessions"] = self.stats.active_sessions
+        return _core.pool_exhausted(err, status)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def dispose(self) -> None:
+        """Close the sync engine's pooled connections (the async engine: use
+        :meth:`adispose`)."""
+        if self._engine is not None:
+            self._engine.dispose()
+
+    async def adispose(self) -> None:
+        """Close the pooled connections of both engines."""
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+        self.dispose()
