@@ -52,6 +52,7 @@ __all__ = [
     "require_owner",
     "retry_boundary",
     "stack",
+    "worker_key",
 ]
 
 logger = logging.getLogger("sessionscope")
@@ -63,6 +64,11 @@ stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
 # functions inside it leave retrying to that outer boundary instead of nesting
 # retry loops.
 retry_boundary: ContextVar[bool] = ContextVar("sessionscope_retrying", default=False)
+# Set by a framework adapter (sessionscope.fastapi) while it serves one caller with
+# sync code spread over pool threads: that code is identified by the caller, not by
+# whichever worker thread runs it, so it joins the caller's sync scope. Only threads
+# consult it; asyncio tasks keep their own identity, so child tasks never share.
+worker_key: ContextVar[object | None] = ContextVar("sessionscope_worker_key", default=None)
 
 
 class Frame:
@@ -127,12 +133,14 @@ class Frame:
 
 
 def context_key() -> object:
-    """Who is running: the current asyncio task, else the current thread's id."""
+    """Who is running: the current asyncio task; else the caller bound by
+    :data:`worker_key`; else the current thread's id."""
     if _get_running_loop() is not None:
         task = current_task()
         if task is not None:
             return task
-    return get_ident()
+    key = worker_key.get()
+    return key if key is not None else get_ident()
 
 
 def current_frame(key: object, is_async: bool | None = None) -> Frame | None:

@@ -1,0 +1,188 @@
+"""FastAPI integration: one session scope per request, as a dependency.
+
+::
+
+    from sessionscope.fastapi import SessionDep
+
+    @app.post("/users", status_code=201)
+    async def create_user(data: UserIn, db: SessionDep) -> UserOut:
+        db.add(user := User(name=data.name))
+        await db.flush()
+        return user                  # COMMIT runs before the response is sent
+
+How a request's scope behaves:
+
+- It is opened when the path function needs it and ends right after the path
+  function returns (FastAPI's ``Depends(..., scope="function")``): COMMIT, or
+  ROLLBACK if the path function raised (an ``HTTPException`` too), then the
+  connection goes back to the pool. The response has been built by then, so
+  lazy loads during serialization still work, but it has not been sent: a failed
+  COMMIT reaches FastAPI's error handling and the client gets a 5xx (or what an
+  exception handler you registered for the error returns), never a 2xx.
+  This holds with plain ``Depends(get_db)`` too: ``get_db`` is a plain coroutine
+  whose own dependency carries ``scope="function"``.
+- Decorated functions (``@async_with_session``) called during the request join
+  its session and transaction, as inside ``async_session_scope()``.
+- The sync variant (:data:`SyncSessionDep`, for ``def`` path functions) gives the
+  same guarantees; sync decorated functions called from the path function join
+  its session although FastAPI runs the dependency and the path function in
+  different worker threads.
+
+Each dependency function is one FastAPI dependency: it is resolved once per
+request and cached, and ``app.dependency_overrides[get_db] = ...`` replaces it.
+
+The package root never imports this module, so FastAPI stays an optional extra.
+"""
+
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from . import _core
+from ._api import get_default_manager
+from ._config import SessionConfig
+from ._manager import SessionManager
+
+__all__ = [
+    "SessionDep",
+    "SyncSessionDep",
+    "get_db",
+    "get_sync_db",
+    "session_dependency",
+    "sync_session_dependency",
+]
+
+
+def _manager_getter(manager: SessionManager | None) -> Callable[[], SessionManager]:
+    if manager is None:
+        # Looked up per request: the application may set the database up after
+        # importing its routes (for instance in a lifespan handler).
+        return get_default_manager
+    if not isinstance(manager, SessionManager):
+        raise TypeError(f"expected a SessionManager or None, got {manager!r}")
+    return lambda: manager
+
+
+def session_dependency(
+    manager: SessionManager | None = None, /, **overrides: Any
+) -> Callable[..., Awaitable[AsyncSession]]:
+    """Build a FastAPI dependency that yields an ``AsyncSession`` of ``manager``
+    (the default manager if None) for the current request.
+
+    ``overrides`` are scope options, such as ``read_only=True`` or
+    ``isolation_level="SERIALIZABLE"``; they are validated now (``ValueError`` /
+    ``TypeError``), not at the first request. Use one dependency function per
+    kind of session: two different ones in one request open two sessions.
+
+    ::
+
+        reports = SessionManager("postgresql://reports@db/reports")
+        ReportsDep = Annotated[AsyncSession, Depends(session_dependency(reports))]
+    """
+    SessionConfig().merged(overrides)
+    get_manager = _manager_getter(manager)
+
+    async def request_scope() -> AsyncIterator[AsyncSession]:
+        async with get_manager().async_session_scope(**overrides) as session:
+            yield session
+
+    async def get_db(
+        session: Annotated[AsyncSession, Depends(request_scope, scope="function")],
+    ) -> AsyncSession:
+        return session
+
+    get_db.__doc__ = _GET_DB_DOC
+    return get_db
+
+
+def sync_session_dependency(
+    manager: SessionManager | None = None, /, **overrides: Any
+) -> Callable[..., Awaitable[Session]]:
+    """Build a FastAPI dependency yielding a sync ``Session`` of ``manager`` (the
+    default manager if None), for ``def`` path functions; see
+    :func:`session_dependency` for ``overrides``.
+
+    FastAPI runs sync code in a thread pool, each step in whatever worker thread
+    is free. The request's scope is therefore tied to the request rather than to
+    a thread: sync scopes and decorated functions that run for this request, in
+    any worker thread, join its session (one at a time, as FastAPI runs them).
+    In an ``async def`` path function use :func:`session_dependency` instead:
+    blocking calls there would stall the event loop.
+    """
+    SessionConfig().merged(overrides)
+    get_manager = _manager_getter(manager)
+
+    async def request_scope() -> AsyncIterator[Session]:
+        # Runs in the request's task: what is set here is seen by the worker
+        # threads that FastAPI starts later for this request (they copy the
+        # task's context), including the one running the path function.
+        scope = get_manager().session_scope(**overrides)
+        key_token = _core.worker_key.set(object())
+        try:
+            # The scope's own context bookkeeping must begin and end in one
+            # context; the worker threads each get a fresh copy, so keep one.
+            context = contextvars.copy_context()
+            session = await anyio.to_thread.run_sync(context.run, scope.__enter__)
+            stack_token = _core.stack.set(context.run(_core.stack.get))
+            try:
+                yield session
+            except BaseException as exc:
+                _core.stack.reset(stack_token)
+                await _exit_in_thread(context, scope.__exit__, exc)
+                raise
+            _core.stack.reset(stack_token)
+            await _exit_in_thread(context, scope.__exit__, None)
+        finally:
+            _core.worker_key.reset(key_token)
+
+    async def get_sync_db(
+        session: Annotated[Session, Depends(request_scope, scope="function")],
+    ) -> Session:
+        return session
+
+    get_sync_db.__doc__ = _GET_SYNC_DB_DOC
+    return get_sync_db
+
+
+async def _exit_in_thread(
+    context: contextvars.Context, exit_: Callable[..., Any], exc: BaseException | None
+) -> None:
+    # A limiter of its own, as FastAPI does for sync generator dependencies: the
+    # exit returns a pooled connection, so it must not queue behind requests that
+    # hold worker threads while they wait for a connection.
+    limiter = anyio.CapacityLimiter(1)
+    if exc is None:
+        await anyio.to_thread.run_sync(context.run, exit_, None, None, None, limiter=limiter)
+    else:
+        await anyio.to_thread.run_sync(
+            context.run, exit_, type(exc), exc, exc.__traceback__, limiter=limiter
+        )
+
+
+_GET_DB_DOC = """FastAPI dependency: the request's ``AsyncSession``.
+
+Committed after the path function returns and before the response is sent;
+rolled back if the path function raises. A failed COMMIT becomes a 5xx response.
+"""
+
+_GET_SYNC_DB_DOC = """FastAPI dependency: the request's sync ``Session``, for ``def``
+path functions. Committed after the path function returns and before the response
+is sent; rolled back if it raises. A failed COMMIT becomes a 5xx response.
+"""
+
+get_db = session_dependency()
+"""The request's ``AsyncSession`` of the default manager: ``Depends(get_db)``."""
+
+get_sync_db = sync_session_dependency()
+"""The request's sync ``Session`` of the default manager, for ``def`` path functions."""
+
+SessionDep = Annotated[AsyncSession, Depends(get_db)]
+"""``db: SessionDep`` in a path function or dependency: the request's ``AsyncSession``."""
+
+SyncSessionDep = Annotated[Session, Depends(get_sync_db)]
+"""``db: SyncSessionDep`` in a ``def`` path function: the request's ``Session``."""
