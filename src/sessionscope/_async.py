@@ -144,9 +144,12 @@ async def acall_with_retry(
     call: Callable[[], Awaitable[T]],
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
-    if cfg.retry_attempts == 0 or _core.retry_boundary.get():
+    if cfg.retry_attempts == 0:
         return await call()
-    token = _core.retry_boundary.set(True)
+    key = _core.context_key()
+    if _core.retry_boundary.get() == key:
+        return await call()
+    token = _core.retry_boundary.set(key)
     try:
         attempt = 0
         while True:

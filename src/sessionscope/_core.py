@@ -32,7 +32,7 @@ from ._errors import (
     RollbackOnlyError,
 )
 from ._policy import Action, decide
-from ._retry import is_disconnect
+from ._retry import describe, is_disconnect
 
 if TYPE_CHECKING:
     from ._config import SessionConfig
@@ -60,10 +60,12 @@ logger = logging.getLogger("sessionscope")
 Callback = Callable[[], Any]
 
 stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
-# True while a with_retry()/async_with_retry() call runs its function: decorated
-# functions inside it leave retrying to that outer boundary instead of nesting
-# retry loops.
-retry_boundary: ContextVar[bool] = ContextVar("sessionscope_retrying", default=False)
+# The context key (thread or task) running a retry loop: decorated functions and
+# with_retry() calls it runs leave retrying to that outer boundary instead of
+# nesting retry loops. Keyed like frames, so a child task (which inherits the
+# context) retries its own unit of work instead of having its parent re-run
+# siblings that already committed.
+retry_boundary: ContextVar[object] = ContextVar("sessionscope_retrying", default=None)
 # Set by a framework adapter (sessionscope.fastapi) while it serves one caller with
 # sync code spread over pool threads: that code is identified by the caller, not by
 # whichever worker thread runs it, so it joins the caller's sync scope. Only threads
@@ -336,11 +338,19 @@ def _commit(session: Session) -> None:
     except sa_exc.DBAPIError as err:
         if is_disconnect(err):
             raise CommitOutcomeUnknownError(
-                "the connection was lost while COMMIT was in flight "
-                f"({type(err.orig).__name__ if err.orig is not None else type(err).__name__}); "
+                f"the connection was lost while COMMIT was in flight ({describe(err)}); "
                 "the server may or may not have committed. This is never retried: "
                 "check the data (or use an idempotency key) before running the work again."
             ) from err
+        raise
+    except BaseException as err:
+        if not isinstance(err, Exception):
+            # A task cancelled mid-COMMIT must re-raise CancelledError, so the
+            # unknown outcome can only be told here.
+            logger.warning(
+                "COMMIT interrupted by %s: the server may or may not have committed",
+                type(err).__name__,
+            )
         raise
 
 
@@ -439,13 +449,10 @@ def record_retry(
     if stats is not None:
         stats.retried(exc)
     if cfg.log_levelno <= logging.WARNING:
-        orig = getattr(exc, "orig", None)
-        code = _error_code(orig) if orig is not None else None
         logger.warning(
-            "retrying %s after transient %s%s (retry %d of %d, next attempt in %.2f s)",
+            "retrying %s after transient %s (retry %d of %d, next attempt in %.2f s)",
             function or "callable",
-            type(exc).__name__,
-            f" [{type(orig).__name__} {code}]" if code else "",
+            describe(exc),
             attempt,
             cfg.retry_attempts,
             delay,

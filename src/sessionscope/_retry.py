@@ -1,4 +1,24 @@
-"""Transient-error classification and backoff (pure: decides, never sleeps)."""
+"""Transient-error classification and backoff (pure: decides, never sleeps).
+
+What counts as transient, per backend (the drivers differ only in where they
+keep the code, which :func:`error_code` hides):
+
+* PostgreSQL (psycopg, asyncpg): SQLSTATE 40001 serialization failure and 40P01
+  deadlock; and lost connections: class 08, 57P01/57P02/57P03 (admin shutdown,
+  crash shutdown, cannot connect now), or anything SQLAlchemy flagged
+  ``connection_invalidated``. 08007 (transaction resolution unknown) is the
+  server saying it does not know whether a COMMIT happened: never retried.
+* MySQL / MariaDB (PyMySQL, aiomysql): error 1213 deadlock, 1205 lock wait
+  timeout; lost connections 2006, 2013, 2055, 1927, 4031, and 2003 (cannot
+  connect: nothing was sent).
+* SQLite (sqlite3, aiosqlite): SQLITE_BUSY / SQLITE_LOCKED ("database is
+  locked"): the other writer finishes and the retry goes through.
+
+A lost connection is transient only because the transaction core turns a loss
+*during COMMIT* into :class:`CommitOutcomeUnknownError` first, which is never
+retried; every other loss happened before COMMIT was sent, so nothing was
+committed and the whole unit of work can run again on a new connection.
+"""
 
 from __future__ import annotations
 
@@ -12,53 +32,77 @@ from ._errors import CommitOutcomeUnknownError, PoolExhaustedError
 if TYPE_CHECKING:
     from ._config import SessionConfig
 
-__all__ = ["backoff_delay", "is_transient", "retry_delay_for"]
+__all__ = [
+    "backoff_delay",
+    "describe",
+    "error_code",
+    "is_disconnect",
+    "is_transient",
+    "retry_delay_for",
+]
 
-# PostgreSQL SQLSTATEs: serialization failure, deadlock, and the server-side
-# "this connection is going away" family (admin shutdown, crash shutdown,
-# cannot connect now). Class 08 (connection exception) is matched by prefix.
-_PG_TRANSIENT: Final = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
-# MySQL/MariaDB error numbers: deadlock, lock wait timeout, and lost connections
-# (server gone away, lost during query, can't connect, lost at handshake, MariaDB
-# connection killed, MySQL 8 client-disconnected-by-server).
-_MYSQL_TRANSIENT: Final = frozenset({1213, 1205, 2006, 2013, 2003, 2055, 1927, 4031})
-# SQLite's busy/locked conditions clear once the other writer finishes.
-_SQLITE_TRANSIENT: Final = ("database is locked", "database table is locked")
+# PostgreSQL SQLSTATEs. Class 08 (connection exception) is matched by prefix.
+_PG_CONFLICT: Final = frozenset({"40001", "40P01"})
+_PG_GONE: Final = frozenset({"57P01", "57P02", "57P03"})
+_PG_OUTCOME_UNKNOWN: Final = "08007"
+# MySQL/MariaDB error numbers: deadlock, lock wait timeout; then lost
+# connections (server gone away, lost during query, lost at a system call,
+# MariaDB "connection was killed", MySQL 8 "disconnected by the server") and
+# "can't connect" (2003), which sent nothing.
+_MYSQL_CONFLICT: Final = frozenset({1213, 1205})
+_MYSQL_GONE: Final = frozenset({2006, 2013, 2055, 1927, 4031})
+_MYSQL_CANNOT_CONNECT: Final = 2003
+# SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED (extended codes such
+# as SQLITE_BUSY_SNAPSHOT keep the primary code in their low byte).
+_SQLITE_BUSY: Final = frozenset({5, 6})
+_SQLITE_BUSY_TEXT: Final = ("database is locked", "database table is locked")
+# More retries would only add load: no retry predicate is consulted for these.
+_NEVER_RETRIED: Final = (CommitOutcomeUnknownError, PoolExhaustedError, sa_exc.TimeoutError)
+
+_MAX_DOUBLINGS: Final = 62  # 2**62 * any positive delay is past any cap; no overflow
 
 
 def is_transient(exc: BaseException) -> bool:
     """Return True if re-running the whole unit of work may succeed.
 
-    True for serialization failures and deadlocks (PostgreSQL 40001/40P01,
-    MySQL/MariaDB 1213/1205), for lost connections before COMMIT was sent
-    (``connection_invalidated``, 57P01, class 08, MySQL 2006/2013, ...), and for
-    SQLite's "database is locked". False for everything else, including
-    :class:`CommitOutcomeUnknownError` (the commit may have happened), pool
-    exhaustion (more load would not help) and integrity errors.
+    True for serialization failures and deadlocks, lock wait timeouts, lost
+    connections (before COMMIT: see the module docstring) and SQLite's "database
+    is locked". False for everything else, including
+    :class:`CommitOutcomeUnknownError` (the commit may have happened),
+    :class:`PoolExhaustedError` (more load would not help), integrity errors,
+    statement timeouts and errors raised by user code.
+
+    This is the default ``retry_predicate``; extend it with
+    ``lambda e: is_transient(e) or mine(e)``.
     """
-    if isinstance(exc, (CommitOutcomeUnknownError, PoolExhaustedError, sa_exc.TimeoutError)):
+    if isinstance(exc, _NEVER_RETRIED):
         return False
     if isinstance(exc, sa_exc.DisconnectionError):
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
-    if exc.connection_invalidated:
-        return True
     orig = exc.orig
-    if orig is None:
-        return False
-    code = _sqlstate(orig)
-    if code is not None:
-        return code in _PG_TRANSIENT or code.startswith("08")
-    number = _mysql_errno(orig)
-    if number is not None:
-        return number in _MYSQL_TRANSIENT
-    message = str(orig).lower()
-    return isinstance(exc, sa_exc.OperationalError) and any(m in message for m in _SQLITE_TRANSIENT)
+    if isinstance(orig, BaseException):
+        errno = _mysql_errno(orig)
+        if errno is not None:
+            if errno in _MYSQL_CONFLICT or errno == _MYSQL_CANNOT_CONNECT:
+                return True
+        else:
+            state = _sqlstate(orig)
+            if state == _PG_OUTCOME_UNKNOWN:
+                return False
+            if state in _PG_CONFLICT:
+                return True
+        if _sqlite_busy(exc, orig):
+            return True
+    return is_disconnect(exc)
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """Return True if ``exc`` means the connection was lost."""
+    """Return True if ``exc`` means the connection was lost (or never made).
+
+    Used on COMMIT errors to tell an unknown outcome from a known failure.
+    """
     if isinstance(exc, sa_exc.DisconnectionError):
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
@@ -66,18 +110,52 @@ def is_disconnect(exc: BaseException) -> bool:
     if exc.connection_invalidated:
         return True
     orig = exc.orig
-    if orig is None:
+    if not isinstance(orig, BaseException):
         return False
-    code = _sqlstate(orig)
-    if code is not None:
-        return code.startswith("08") or code in {"57P01", "57P02", "57P03"}
-    number = _mysql_errno(orig)
-    return number is not None and number in {2006, 2013, 2055, 1927, 4031}
+    errno = _mysql_errno(orig)
+    if errno is not None:
+        return errno in _MYSQL_GONE
+    state = _sqlstate(orig)
+    return state is not None and (state.startswith("08") or state in _PG_GONE)
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The driver's error code of a database error, as text: the SQLSTATE on
+    PostgreSQL, the error number on MySQL/MariaDB, the result code name
+    (``SQLITE_BUSY``) on SQLite; None when there is none. Never the message,
+    which can hold SQL and bound parameters."""
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, BaseException):
+        return None
+    errno = _mysql_errno(orig)
+    if errno is not None:
+        return str(errno)
+    state = _sqlstate(orig)
+    if state is not None:
+        return state
+    name = getattr(orig, "sqlite_errorname", None)
+    return name if isinstance(name, str) else None
+
+
+def describe(exc: BaseException) -> str:
+    """``OperationalError [SerializationFailure 40001]``: the error class, the
+    driver's error class and its code, safe for logs and messages."""
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, BaseException):
+        return type(exc).__name__
+    # Async drivers reach SQLAlchemy wrapped in its adapter classes; the driver's
+    # own, specific class (asyncpg's SerializationError, ...) is the cause.
+    driver = orig
+    if type(orig).__module__.startswith("sqlalchemy") and orig.__cause__ is not None:
+        driver = orig.__cause__
+    driver_name = type(driver).__name__
+    code = error_code(exc)
+    return f"{type(exc).__name__} [{driver_name}{' ' + code if code else ''}]"
 
 
 def _sqlstate(orig: BaseException) -> str | None:
     # psycopg exposes .sqlstate, psycopg2 .pgcode; SQLAlchemy's asyncpg adapter
-    # keeps the asyncpg error as __cause__, which carries .sqlstate.
+    # copies .sqlstate from the asyncpg error it keeps as __cause__.
     for candidate in (orig, orig.__cause__):
         if candidate is None:
             continue
@@ -89,17 +167,32 @@ def _sqlstate(orig: BaseException) -> str | None:
 
 
 def _mysql_errno(orig: BaseException) -> int | None:
-    # PyMySQL / aiomysql errors carry (errno, message) in args.
+    # PyMySQL / aiomysql errors carry (errno, message) in args; the other
+    # drivers put the message first. Checked before the SQLSTATE: PyMySQL >= 1.2
+    # also sets .sqlstate, whose MySQL values (HY000 for a lock wait timeout)
+    # mean nothing to the PostgreSQL table.
     if orig.args and isinstance(orig.args[0], int) and not isinstance(orig.args[0], bool):
         return orig.args[0]
     return None
+
+
+def _sqlite_busy(exc: sa_exc.DBAPIError, orig: BaseException) -> bool:
+    if not isinstance(exc, sa_exc.OperationalError):
+        return False
+    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11
+    if isinstance(code, int):
+        return code & 0xFF in _SQLITE_BUSY
+    if type(orig).__module__.startswith("sqlite3"):
+        message = str(orig).lower()
+        return any(text in message for text in _SQLITE_BUSY_TEXT)
+    return False
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Delay before retry number ``attempt`` (1-based): ``base * 2**(attempt-1)``
     capped at ``cap``, with "equal jitter" (a uniform draw in its upper half), so
     colliding workers spread out yet never retry immediately."""
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
+    ceiling = min(cap, base * 2.0 ** min(attempt - 1, _MAX_DOUBLINGS))
     draw: float = (rng or random).random()
     return ceiling / 2 + draw * ceiling / 2
 
@@ -108,11 +201,13 @@ def retry_delay_for(cfg: SessionConfig, attempt: int, exc: BaseException) -> flo
     """Decide the retry after failed attempt number ``attempt`` (1-based).
 
     Return the delay to sleep before the next attempt, or None to give up and
-    re-raise: the retries are used up, or ``cfg.retry_predicate`` says the error
-    is not transient.
+    re-raise: the retries are used up, ``cfg.retry_predicate`` says the error is
+    not transient, or the error is a :class:`CommitOutcomeUnknownError` or a
+    pool exhaustion, which no predicate can make retryable (re-running could
+    apply a commit twice, or only add load to a saturated pool).
     """
-    if attempt > cfg.retry_attempts:
+    if attempt > cfg.retry_attempts or isinstance(exc, _NEVER_RETRIED):
         return None
-    if not isinstance(exc, Exception) or not cfg.retry_predicate(exc):
+    if not cfg.retry_predicate(exc):
         return None
     return backoff_delay(attempt, cfg.retry_delay, cfg.retry_max_delay)

@@ -102,10 +102,13 @@ def call_with_retry(
 ) -> T:
     """Run ``call``; on a transient error, back off and run it again (each attempt
     opens its own session). Only an outermost caller retries: inside a scope or
-    another retry boundary the error propagates to it."""
-    if cfg.retry_attempts == 0 or _core.retry_boundary.get():
+    another retry boundary of this thread or task, the error propagates to it."""
+    if cfg.retry_attempts == 0:
         return call()
-    token = _core.retry_boundary.set(True)
+    key = _core.context_key()
+    if _core.retry_boundary.get() == key:
+        return call()
+    token = _core.retry_boundary.set(key)
     try:
         attempt = 0
         while True:
