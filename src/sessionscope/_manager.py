@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Engine, create_engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -83,6 +85,7 @@ class SessionManager:
         self._lock = threading.Lock()
         self._sync_factory: sessionmaker[Session] | None = None
         self._async_factory: async_sessionmaker[AsyncSession] | None = None
+        self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
         self._config = config if config is not None else SessionConfig()
         self._resolved: dict[tuple[tuple[str, Any], ...], SessionConfig] = {}
         self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -146,10 +149,7 @@ class SessionManager:
         """The ``sessionmaker`` behind sync scopes."""
         factory = self._sync_factory
         if factory is None:
-            kw = dict(self._session_options)
-            if self._session_class is not None:
-                kw["class_"] = self._session_class
-            factory = self._sync_factory = sessionmaker(self.engine, **kw)
+            factory = self._sync_factory = sessionmaker(self.engine, **self._factory_kw(False))
         return factory
 
     @property
@@ -157,13 +157,18 @@ class SessionManager:
         """The ``async_sessionmaker`` behind async scopes."""
         factory = self._async_factory
         if factory is None:
-            kw = dict(self._session_options)
-            if self._async_session_class is not None:
-                kw["class_"] = self._async_session_class
-            elif self._session_class is not None:
-                kw["sync_session_class"] = self._session_class
-            factory = self._async_factory = async_sessionmaker(self.async_engine, **kw)
+            factory = self._async_factory = async_sessionmaker(
+                self.async_engine, **self._factory_kw(True)
+            )
         return factory
+
+    def _factory_kw(self, is_async: bool) -> dict[str, Any]:
+        kw = dict(self._session_options)
+        if is_async and self._async_session_class is not None:
+            kw["class_"] = self._async_session_class
+        elif self._session_class is not None:
+            kw["sync_session_class" if is_async else "class_"] = self._session_class
+        return kw
 
     def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
         if (
@@ -194,6 +199,13 @@ class SessionManager:
     def _open_with_options(
         self, cfg: SessionConfig, factory: Callable[..., Any], engine: Any, is_async: bool
     ) -> Any:
+        if is_async in self._bound:
+            # Bound sessions share a transaction that is already open (bound_to()):
+            # per-transaction server settings cannot apply; the ORM guard still can.
+            session = factory(expire_on_commit=cfg.expire_on_commit)
+            if cfg.read_only:
+                _backend.guard_read_only(session.sync_session if is_async else session)
+            return session
         sync_engine: Engine = engine.sync_engine if is_async else engine
         cache_key = (
             is_async,
@@ -359,6 +371,53 @@ class SessionManager:
         """Sync twin of :meth:`get_db` for sync path functions."""
         with self.session_scope() as session:
             yield session
+
+    @contextmanager
+    def bound_to(self, connection: Connection | AsyncConnection) -> Iterator[None]:
+        """Until exit, open this manager's sessions on ``connection`` (its sync
+        sessions for a ``Connection``, its async ones for an ``AsyncConnection``),
+        each joining the transaction open on it through a SAVEPOINT
+        (``join_transaction_mode="create_savepoint"``).
+
+        A scope's COMMIT then releases its savepoint and its ROLLBACK rolls back to
+        it, so the owner of the connection's transaction decides what is kept: the
+        basis of :mod:`sessionscope.testing`, which rolls it back after each test.
+        While bound, ``requires_new`` scopes use the connection too (their work is
+        no longer independent of the enclosing scope), and per-scope isolation
+        level, timeout and server-side read-only are not applied (the transaction
+        is already open); the ORM-level ``read_only`` guard is. A connection serves
+        one thread or task at a time: run no concurrent scopes while bound.
+
+        Raises ``ValueError`` when no transaction is open on ``connection``: the
+        sessions would then commit for real.
+        """
+        if not connection.in_transaction():
+            raise ValueError(
+                "bound_to() needs a connection with an open transaction (call "
+                "connection.begin() first); without one, scopes would commit for real"
+            )
+        is_async = isinstance(connection, AsyncConnection)
+        kw = self._factory_kw(is_async)
+        kw["join_transaction_mode"] = "create_savepoint"
+        with self._lock:
+            saved = (self._sync_factory, self._async_factory, self._bound.get(is_async))
+            if isinstance(connection, AsyncConnection):
+                self._async_factory = async_sessionmaker(connection, **kw)
+            else:
+                self._sync_factory = sessionmaker(connection, **kw)
+            self._bound[is_async] = connection
+        try:
+            yield
+        finally:
+            with self._lock:
+                if is_async:
+                    self._async_factory = saved[1]
+                else:
+                    self._sync_factory = saved[0]
+                if saved[2] is None:
+                    del self._bound[is_async]
+                else:
+                    self._bound[is_async] = saved[2]
 
     # -- monitoring --------------------------------------------------------------
 
