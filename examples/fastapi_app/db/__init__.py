@@ -1,0 +1,1 @@
+"""Database package of the example application (the seed's ``db/`` layout)."""
