@@ -80,6 +80,40 @@ class Server:
         self.engine.dispose()
 
 
+SLOW_COMMIT_DDL = [
+    "DROP TABLE IF EXISTS ss_slow_commit",
+    "CREATE TABLE ss_slow_commit (id integer PRIMARY KEY)",
+    "CREATE OR REPLACE FUNCTION ss_slow_commit_fn() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER ss_slow_commit_trg AFTER INSERT ON ss_slow_commit "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ss_slow_commit_fn()",
+]
+
+
+def create_slow_commit_table(admin: Server) -> None:
+    """PostgreSQL table ``ss_slow_commit`` whose inserted rows make COMMIT slow: a
+    deferred constraint trigger runs at COMMIT time and sleeps (60 s), so a test
+    can see the backend inside COMMIT (query ``COMMIT``, wait event ``PgSleep``)
+    and act while the COMMIT is in flight."""
+    with admin.engine.connect() as conn:
+        for statement in SLOW_COMMIT_DDL:
+            conn.exec_driver_sql(statement)
+
+
+def drop_slow_commit_table(admin: Server) -> None:
+    with admin.engine.connect() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS ss_slow_commit")
+        conn.exec_driver_sql("DROP FUNCTION IF EXISTS ss_slow_commit_fn()")
+
+
+def in_commit(admin: Server, pid: int) -> bool:
+    """True while PostgreSQL backend ``pid`` runs COMMIT and sleeps in the trigger."""
+    return any(
+        row[3].upper().startswith("COMMIT") and row[2] == "PgSleep"
+        for row in admin.pg_activity([pid])
+    )
+
+
 class SqliteLock:
     """Holds SQLite's write lock from a separate connection, so a write of any
     other connection fails at once with "database is locked" (when that engine

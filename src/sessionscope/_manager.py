@@ -442,7 +442,10 @@ class SessionManager:
 
     def _pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
         status: dict[str, Any] = {}
-        for side, figures in self.pool_status().items():
+        pools = self.pool_status()
+        # Name the pool(s) that ran dry (no idle connection), not every engine's.
+        full = {side: f for side, f in pools.items() if f.get("checked_in", 0) == 0}
+        for side, figures in (full or pools).items():
             for key, value in figures.items():
                 if key != "pool_class":
                     status[f"{side}_{key}"] = value
