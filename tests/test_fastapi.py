@@ -634,3 +634,59 @@ def test_package_root_does_not_import_fastapi() -> None:
     code = "import sys, sessionscope; print('fastapi' in sys.modules, 'starlette' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+POSTPONED_MODULE = """
+from __future__ import annotations
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from sessionscope import async_with_session, with_session
+from tests.models import User
+
+
+class NewUser(BaseModel):
+    name: str
+
+
+app = FastAPI()
+
+
+@app.post("/async/{prefix}", status_code=201)
+@async_with_session
+async def create(session: AsyncSession, prefix: str, data: NewUser) -> dict[str, str]:
+    session.add(User(name=prefix + data.name))
+    return {"name": prefix + data.name}
+
+
+@app.post("/sync", status_code=201)
+@with_session(auto_commit=True)
+def create_sync(data: NewUser, session: Session) -> dict[str, str]:
+    session.add(User(name=data.name))
+    return {"name": data.name}
+"""
+
+
+async def test_decorated_path_operations_with_postponed_annotations(
+    web: SessionManager, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a module with ``from __future__ import annotations`` every annotation is
+    a string; FastAPI must resolve them in the user's module (through
+    ``__wrapped__``), not in sessionscope's."""
+    (tmp_path / "postponed_routes.py").write_text(POSTPONED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("postponed_routes")
+    try:
+        async with client(module.app) as c:
+            r1 = await c.post("/async/x-", json={"name": "ann"})
+            r2 = await c.post("/sync", json={"name": "bob"})
+        assert (r1.status_code, r1.json()) == (201, {"name": "x-ann"})
+        assert (r2.status_code, r2.json()) == (201, {"name": "bob"})
+        assert await count_users(web) == 2
+    finally:
+        sys.modules.pop("postponed_routes", None)
