@@ -63,7 +63,9 @@ class AsyncScope:
         manager = self._manager
         explicit = self._explicit
         key = _core.context_key()
-        outer = _core.find_outer(key, True, explicit.sync_session if explicit is not None else None)
+        outer = _core.find_outer(
+            key, True, explicit.sync_session if explicit is not None else None, manager
+        )
         frame = _core.new_frame(
             cfg,
             key,
@@ -72,6 +74,7 @@ class AsyncScope:
             manager.stats if cfg.enable_monitoring else None,
             self._function,
             explicit,
+            manager,
         )
         if frame.action is Action.SAVEPOINT:
             await frame.front.run_sync(_core.begin_savepoint, frame)
@@ -197,7 +200,7 @@ def decorate_async(
                 return await func(*call_args, **call_kwargs)
 
         if explicit is None and (
-            requires_new or _core.current_frame(_core.context_key(), True) is None
+            requires_new or _core.current_frame(_core.context_key(), True, manager) is None
         ):
             return await acall_with_retry(manager, cfg, name, once)
         return await once()

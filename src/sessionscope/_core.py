@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, SessionTransaction
 
+from . import _watch
 from ._errors import (
     CommitOutcomeUnknownError,
     NoActiveScopeError,
@@ -93,6 +94,7 @@ class Frame:
         "function",
         "is_async",
         "key",
+        "manager",
         "owner",
         "parent",
         "rollback_only",
@@ -112,8 +114,10 @@ class Frame:
         key: object,
         stats: Stats | None,
         function: str | None,
+        manager: object = None,
     ) -> None:
         self.action = action
+        self.manager = manager
         self.session = session
         self.front = front
         self.parent = parent
@@ -145,19 +149,26 @@ def context_key() -> object:
     return key if key is not None else get_ident()
 
 
-def current_frame(key: object, is_async: bool | None = None) -> Frame | None:
+def current_frame(
+    key: object, is_async: bool | None = None, manager: object = None
+) -> Frame | None:
     """The innermost frame opened by ``key`` (from :func:`context_key`), of the given
-    kind (sync or async; either if None). Sync and async scopes never join each
-    other: an ``AsyncSession`` cannot serve blocking code, nor the reverse."""
+    kind (sync or async; either if None) and manager (any if None). Sync and async
+    scopes never join each other: an ``AsyncSession`` cannot serve blocking code,
+    nor the reverse; nor do scopes of different managers (databases)."""
     frame = stack.get()
     while frame is not None and (
-        frame.key != key or (is_async is not None and frame.is_async is not is_async)
+        frame.key != key
+        or (is_async is not None and frame.is_async is not is_async)
+        or (manager is not None and frame.manager is not manager)
     ):
         frame = frame.parent
     return frame
 
 
-def find_outer(key: object, is_async: bool, explicit: Session | None) -> Frame | None:
+def find_outer(
+    key: object, is_async: bool, explicit: Session | None, manager: object = None
+) -> Frame | None:
     """The frame a new scope relates to.
 
     With an explicit session: the frame that holds it, whoever opened it, or a
@@ -165,7 +176,7 @@ def find_outer(key: object, is_async: bool, explicit: Session | None) -> Frame |
     transaction belongs to the caller; nothing marks it rollback-only).
     """
     if explicit is None:
-        return current_frame(key, is_async)
+        return current_frame(key, is_async, manager)
     frame = stack.get()
     while frame is not None:
         if frame.session is explicit:
@@ -182,6 +193,7 @@ def new_frame(
     stats: Stats | None,
     function: str | None,
     explicit_front: Any = None,
+    manager: object = None,
 ) -> Frame:
     """Decide what a scope does (raising for mandatory/never/durable) and build
     its frame. Opens a ``Session`` object for NEW, which touches no connection.
@@ -190,16 +202,22 @@ def new_frame(
     action = decide(cfg.propagation, outer is not None, cfg.durable)
     if action is Action.NEW:
         session, front = open_session(cfg)
-        frame = Frame(action, session, front, outer, cfg, key, stats, function)
+        frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
+        frame.started = started = time.perf_counter()
         if stats is not None:
-            stats.session_opened()
-        frame.started = time.perf_counter()
+            if cfg.long_session_warning is None:
+                stats.session_opened()
+            else:
+                threshold = cfg.long_session_warning
+                stats.session_opened_watched(id(frame), _watch.held(started, threshold, function))
+                if started >= stats.next_deadline:
+                    _watch.warn_overdue(stats, started)
         if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
             logger.debug("session opened (%s)", function or "scope")
         return frame
     assert outer is not None  # decide() returns NEW when there is no outer frame
     front = outer.front if outer.front is not None else explicit_front
-    frame = Frame(action, outer.session, front, outer, cfg, key, stats, function)
+    frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
     frame.started = time.perf_counter()
     return frame
 
@@ -224,11 +242,27 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> lis
     if action is Action.JOIN:
         if exc is not None and frame.cfg.auto_rollback and frame.owner is not None:
             _mark_rollback_only(frame.owner, exc)
+        if frame.function is not None and frame.stats is not None:
+            _record_call(frame, exc is not None)
         return []
     if action is Action.SAVEPOINT:
-        _exit_savepoint(frame, exc)
+        try:
+            _exit_savepoint(frame, exc)
+        except BaseException:
+            if frame.function is not None and frame.stats is not None:
+                _record_call(frame, True)
+            raise
+        if frame.function is not None and frame.stats is not None:
+            _record_call(frame, exc is not None)
         return []
     return _exit_root(session, frame, exc)
+
+
+def _record_call(frame: Frame, failed: bool) -> None:
+    # Per-function figures of a decorated call that did not own the transaction
+    # (owning calls are recorded with the transaction in _close).
+    assert frame.stats is not None and frame.function is not None
+    frame.stats.function_ended(frame.function, time.perf_counter() - frame.started, failed)
 
 
 def _mark_rollback_only(owner: Frame, exc: BaseException) -> None:
@@ -276,6 +310,8 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         _promote_callbacks(frame)
         if stats is not None:
             stats.savepoint_ended(rolled_back=False)
+        if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+            logger.debug("savepoint released (%s)", frame.function or "scope")
         return
     if savepoint is not None and savepoint.is_active:
         if exc is None:
@@ -284,6 +320,12 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             _quietly(savepoint.rollback, "rolling back to a savepoint")
     if stats is not None:
         stats.savepoint_ended(rolled_back=True)
+    if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+        logger.debug(
+            "rolled back to savepoint (%s)%s",
+            frame.function or "scope",
+            f" after {type(exc).__name__}" if exc is not None else "",
+        )
     if exc is None and frame.rollback_only:
         raise RollbackOnlyError(
             "the savepoint scope was rolled back instead of released: an exception "
@@ -298,6 +340,8 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> lis
     committed = False
     failed = exc is not None
     callbacks: list[Callback] = []
+    if exc is not None and cfg.log_levelno <= logging.WARNING:
+        _log_failure(frame, exc, at_exit=False)
     try:
         if exc is None:
             if frame.rollback_only:
@@ -317,16 +361,45 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> lis
                 committed = True
                 if frame.callbacks:
                     callbacks = frame.callbacks
+            elif cfg.auto_commit and not frame.doomed:
+                committed = True  # nothing was sent: counts as a successful commit
             # Otherwise (auto_commit=False, set_rollback(True)): close() below
             # returns the connection, whose reset rolls the work back.
         elif cfg.auto_rollback and session.in_transaction():
             _quietly(session.rollback, "rolling back after an exception")
-    except BaseException:
+    except BaseException as err:
         failed = True
+        if cfg.log_levelno <= logging.WARNING:
+            _log_failure(frame, err, at_exit=True)
         raise
     finally:
         _close(session, frame, committed=committed, failed=failed)
     return callbacks
+
+
+def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool) -> None:
+    """Log why a transaction did not commit: the error class and code only, since
+    an error's text can hold SQL and bound parameters."""
+    name = frame.function or "scope"
+    if isinstance(err, RollbackOnlyError):
+        logger.warning(
+            "transaction of %s rolled back: an exception (%s) escaped a joined inner scope",
+            name,
+            type(err.__cause__).__name__,
+        )
+    elif isinstance(err, CommitOutcomeUnknownError):
+        cause = err.__cause__
+        logger.error(
+            "COMMIT of %s lost its connection (%s): the outcome is unknown",
+            name,
+            describe(cause) if cause is not None else type(err).__name__,
+        )
+    elif at_exit:
+        logger.error("ending the transaction of %s failed: %s", name, describe(err))
+    elif isinstance(err, Exception):
+        logger.warning("transaction of %s rolled back: %s escaped the scope", name, describe(err))
+    else:  # cancellation, KeyboardInterrupt: not a database failure
+        logger.info("transaction of %s rolled back: %s", name, type(err).__name__)
 
 
 def _commit(session: Session) -> None:
@@ -366,7 +439,8 @@ def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> 
         _quietly(session.invalidate, "invalidating a connection whose close failed")
         raise
     finally:
-        duration = time.perf_counter() - frame.started
+        now = time.perf_counter()
+        duration = now - frame.started
         stats = frame.stats
         cfg = frame.cfg
         if stats is not None:
@@ -376,7 +450,10 @@ def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> 
                 duration=duration,
                 slow_threshold=cfg.slow_threshold,
                 function=frame.function,
+                key=id(frame),
             )
+            if now >= stats.next_deadline:
+                _watch.warn_overdue(stats, now)
             if slow and cfg.log_levelno <= logging.WARNING:
                 logger.warning(
                     "slow transaction: %s took %.3f s (slow_threshold %.3f s)",

@@ -57,7 +57,7 @@ class SyncScope:
         cfg = self._cfg
         manager = self._manager
         key = _core.context_key()
-        outer = _core.find_outer(key, False, self._explicit)
+        outer = _core.find_outer(key, False, self._explicit, manager)
         frame = _core.new_frame(
             cfg,
             key,
@@ -66,6 +66,7 @@ class SyncScope:
             manager.stats if cfg.enable_monitoring else None,
             self._function,
             self._explicit,
+            manager,
         )
         if frame.action is Action.SAVEPOINT:
             _core.begin_savepoint(frame.session, frame)
@@ -159,7 +160,7 @@ def decorate_sync(
                 return func(*call_args, **call_kwargs)
 
         if explicit is None and (
-            requires_new or _core.current_frame(_core.context_key(), False) is None
+            requires_new or _core.current_frame(_core.context_key(), False, manager) is None
         ):
             return call_with_retry(manager, cfg, name, once)
         return once()
