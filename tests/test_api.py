@@ -18,8 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import sessionscope
-from sessionscope import SessionConfig, SessionFactoryNotInitializedError, SessionManager
-from sessionscope import _api
+from sessionscope import SessionConfig, SessionFactoryNotInitializedError, SessionManager, _api
 
 from .conftest import reset_schema
 from .models import User

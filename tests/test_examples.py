@@ -13,7 +13,8 @@ from examples.models import User, UserProfile
 def test_seed_readme_examples(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     names = seed_readme.main(db_url)
     assert names == sorted(
-        ["张三", "李四", "王五", "赵六", "批量1", "批量2", "arg1-arg2", "用户1", "bare", "sync-bare"]
+        ["张三", "李四", "王五", "赵六", "批量1", "批量2", "arg1-arg2", "用户1", "bare",
+         "sync-bare"]
     )
     out = capsys.readouterr().out
     assert "成功率: 94.12%" in out  # 16 of 17 transactions committed: risky_operation failed

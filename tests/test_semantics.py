@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import IntegrityError, PendingRollbackError
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 import sessionscope
@@ -127,6 +128,24 @@ def savepoint_rollback_keeps_outer_work(api: Api) -> None:
         s.add(User(name="outer-2"))
     assert "SAVEPOINT" in api.log.statements
     assert names(api) == ["outer-1", "outer-2"]
+
+
+def savepoint_contains_a_failed_flush(api: Api) -> None:
+    with api.scope() as s:
+        s.add(User(name="a"))
+        api.flush(s)
+        with pytest.raises(IntegrityError), api.scope(propagation="nested") as inner:
+            inner.add(User(name="a"))  # duplicate: the flush fails inside the savepoint
+            api.flush(inner)
+        # A failure swallowed inside the savepoint cannot pass for a RELEASE.
+        with pytest.raises(PendingRollbackError), api.scope(propagation="nested") as inner:
+            inner.add(User(name="a"))
+            try:
+                api.flush(inner)
+            except IntegrityError:
+                pass
+        s.add(User(name="b"))
+    assert names(api) == ["a", "b"]
 
 
 def savepoint_success_is_released(api: Api) -> None:
@@ -341,6 +360,7 @@ SCENARIOS: list[Callable[[Api], None]] = [
     required_join_sends_no_extra_statement,
     empty_scope_touches_nothing,
     savepoint_rollback_keeps_outer_work,
+    savepoint_contains_a_failed_flush,
     savepoint_success_is_released,
     rollback_only_blocks_partial_commit,
     auto_rollback_false_does_not_doom_outer,

@@ -299,8 +299,10 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
     )
     stats = frame.stats
     if keep:
-        if savepoint is not None and savepoint.is_active:
+        if savepoint is not None and _is_open(frame.session, savepoint):
             try:
+                # A savepoint deactivated by a failed flush raises here instead of
+                # looking released: its work is gone and the caller must know.
                 savepoint.commit()
             except BaseException:
                 _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
@@ -313,7 +315,9 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
             logger.debug("savepoint released (%s)", frame.function or "scope")
         return
-    if savepoint is not None and savepoint.is_active:
+    # Roll back even a savepoint a failed flush deactivated: only that closes it
+    # and hands the session back to the enclosing transaction.
+    if savepoint is not None and _is_open(frame.session, savepoint):
         if exc is None:
             savepoint.rollback()
         else:
@@ -333,6 +337,18 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             "was partial. Catch the error inside the inner scope, or give the inner "
             'scope propagation="nested" so its failure is contained.'
         ) from frame.cause
+
+
+def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
+    """True while ``savepoint`` is still part of the session's transaction chain
+    (active, or deactivated by a failed flush and awaiting its rollback); False
+    once closed, e.g. after the user rolled back the whole session."""
+    transaction = session.get_nested_transaction()
+    while transaction is not None:
+        if transaction is savepoint:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
