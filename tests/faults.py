@@ -130,6 +130,13 @@ class SqliteLock:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN IMMEDIATE")
 
+    def share(self) -> None:
+        """Hold a read (SHARED) lock instead: others can still write, but no
+        COMMIT of theirs can finish ("database is locked" at COMMIT)."""
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+
     def release(self) -> None:
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")

@@ -181,6 +181,39 @@ def test_transient_fault_is_retried_on_a_new_connection_and_lands_once(
     assert figures["active_sessions"] == 0
 
 
+def test_sqlite_busy_commit_is_retried_and_leaves_no_open_transaction(
+    api: Api, fault: Fault
+) -> None:
+    """A reader holds SQLite's SHARED lock: the INSERT goes through but COMMIT
+    fails with "database is locked". SQLite keeps that transaction open; the
+    scope rolls it back, so the pooled connection is clean for the retry and
+    for the next user."""
+    if fault.lock is None:
+        pytest.skip("SQLite's COMMIT-time busy error")
+    lock = fault.lock
+
+    def scenario(api: Api) -> None:
+        attempts: list[int] = []
+
+        def write(session: Any) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                lock.share()
+            else:
+                lock.release()
+            session.add(User(name="committed"))
+
+        api.decorate(write)()
+        assert len(attempts) == 2
+        for name in ("next", "user"):
+            with api.scope() as s:
+                s.add(User(name=name))
+        assert user_names(api) == ["committed", "next", "user"]
+
+    api.run(scenario)
+    assert stats()["retries"] == 1
+
+
 def test_retries_stop_after_retry_attempts(api: Api, fault: Fault) -> None:
     def scenario(api: Api) -> None:
         attempts: list[int | None] = []
@@ -407,6 +440,33 @@ def test_with_retry_max_retries_zero_calls_once(api: Api, fault: Fault) -> None:
     assert stats()["retries"] == 0
 
 
+def test_explicit_session_joins_and_never_retries(api: Api, fault: Fault) -> None:
+    def scenario(api: Api) -> None:
+        attempts: list[int | None] = []
+        unit = api.decorate(unit_of_work(api, fault, attempts))
+        with pytest.raises(sa_exc.DBAPIError), api.scope() as s:
+            unit(s)  # the caller's session: the caller's transaction decides
+        assert len(attempts) == 1
+
+    api.run(scenario)
+    assert stats()["retries"] == 0
+
+
+def test_requires_new_outside_a_retry_boundary_retries_alone(api: Api, fault: Fault) -> None:
+    def scenario(api: Api) -> None:
+        attempts: list[int | None] = []
+        independent = api.decorate(
+            unit_of_work(api, fault, attempts), propagation="requires_new"
+        )
+        with api.scope():  # a with block: no retry boundary
+            assert independent(name="audit") == 2
+        assert len(attempts) == 2
+        assert user_names(api) == ["audit"]
+
+    api.run(scenario)
+    assert stats()["retries"] == 1
+
+
 @pytest.mark.parametrize("server", ["postgresql", "mariadb"])
 async def test_child_task_retries_its_own_unit(server: str) -> None:
     """A child task inherits the context of a retrying parent, but its scope is
@@ -626,6 +686,45 @@ def _raise_each(url: str, is_async: bool, statements: list[str]) -> list[sa_exc.
 
     asyncio.run(run())
     return results
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://postgres@127.0.0.1:1/x",
+        "postgresql+asyncpg://postgres@127.0.0.1:1/x",
+        "mariadb+pymysql://root@127.0.0.1:1/x",
+        "mariadb+aiomysql://root@127.0.0.1:1/x",
+    ],
+)
+def test_unreachable_server_is_not_transient_on_any_driver(url: str) -> None:
+    """Nothing listens on port 1: every driver's "connection refused" gets the
+    same answer (not retried), whatever shape the driver gives it."""
+    errors: list[BaseException] = []
+    if "+asyncpg" in url or "+aiomysql" in url:
+
+        async def connect() -> None:
+            engine = create_async_engine(url)
+            try:
+                async with engine.connect():
+                    pass
+            except Exception as err:
+                errors.append(err)
+            finally:
+                await engine.dispose()
+
+        asyncio.run(connect())
+    else:
+        engine = create_engine(url)
+        try:
+            with engine.connect():
+                pass
+        except Exception as err:
+            errors.append(err)
+        finally:
+            engine.dispose()
+    assert len(errors) == 1
+    assert not is_transient(errors[0])
 
 
 def test_errors_that_are_not_database_errors_are_not_transient() -> None:

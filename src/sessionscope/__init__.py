@@ -43,7 +43,7 @@ from ._errors import (
     SessionScopeError,
 )
 from ._manager import SessionManager
-from ._retry import is_transient
+from ._retry import error_code, is_transient
 
 __version__ = "0.1.0"
 
@@ -62,6 +62,7 @@ __all__ = [
     "async_with_retry",
     "async_with_session",
     "configure_session",
+    "error_code",
     "get_db",
     "get_default_manager",
     "get_session_stats",

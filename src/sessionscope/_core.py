@@ -431,6 +431,11 @@ def _commit(session: Session) -> None:
                 "the server may or may not have committed. This is never retried: "
                 "check the data (or use an idempotency key) before running the work again."
             ) from err
+        # The server answered: nothing was committed. SQLite keeps its transaction
+        # open after a busy COMMIT, and the pool does not roll back a connection
+        # whose COMMIT was attempted: roll back here, or the connection goes back
+        # to the pool inside a transaction.
+        _quietly(session.rollback, "rolling back after a failed COMMIT")
         raise
     except BaseException as err:
         if not isinstance(err, Exception):

@@ -9,8 +9,7 @@ keep the code, which :func:`error_code` hides):
   ``connection_invalidated``. 08007 (transaction resolution unknown) is the
   server saying it does not know whether a COMMIT happened: never retried.
 * MySQL / MariaDB (PyMySQL, aiomysql): error 1213 deadlock, 1205 lock wait
-  timeout; lost connections 2006, 2013, 2055, 1927, 4031, and 2003 (cannot
-  connect: nothing was sent).
+  timeout; lost connections 2006, 2013, 2055, 1927, 4031.
 * SQLite (sqlite3, aiosqlite): SQLITE_BUSY / SQLITE_LOCKED ("database is
   locked"): the other writer finishes and the retry goes through.
 
@@ -18,6 +17,11 @@ A lost connection is transient only because the transaction core turns a loss
 *during COMMIT* into :class:`CommitOutcomeUnknownError` first, which is never
 retried; every other loss happened before COMMIT was sent, so nothing was
 committed and the whole unit of work can run again on a new connection.
+
+A server that cannot be reached at all (connection refused) is not transient:
+the drivers report it too differently (MySQL 2003, a code-less psycopg error,
+asyncpg's bare ``OSError``) to tell a restart from a wrong address, and the
+same answer on every backend beats a guess on some.
 """
 
 from __future__ import annotations
@@ -47,11 +51,9 @@ _PG_GONE: Final = frozenset({"57P01", "57P02", "57P03"})
 _PG_OUTCOME_UNKNOWN: Final = "08007"
 # MySQL/MariaDB error numbers: deadlock, lock wait timeout; then lost
 # connections (server gone away, lost during query, lost at a system call,
-# MariaDB "connection was killed", MySQL 8 "disconnected by the server") and
-# "can't connect" (2003), which sent nothing.
+# MariaDB "connection was killed", MySQL 8 "disconnected by the server").
 _MYSQL_CONFLICT: Final = frozenset({1213, 1205})
 _MYSQL_GONE: Final = frozenset({2006, 2013, 2055, 1927, 4031})
-_MYSQL_CANNOT_CONNECT: Final = 2003
 # SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED (extended codes such
 # as SQLITE_BUSY_SNAPSHOT keep the primary code in their low byte).
 _SQLITE_BUSY: Final = frozenset({5, 6})
@@ -85,7 +87,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(orig, BaseException):
         errno = _mysql_errno(orig)
         if errno is not None:
-            if errno in _MYSQL_CONFLICT or errno == _MYSQL_CANNOT_CONNECT:
+            if errno in _MYSQL_CONFLICT:
                 return True
         else:
             state = _sqlstate(orig)
@@ -99,7 +101,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """Return True if ``exc`` means the connection was lost (or never made).
+    """Return True if ``exc`` means an established connection was lost.
 
     Used on COMMIT errors to tell an unknown outcome from a known failure.
     """
