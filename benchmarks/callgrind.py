@@ -1,0 +1,195 @@
+"""Instructions per transaction, counted with valgrind's callgrind.
+
+Wall-clock ratios wobble on a shared machine; instruction counts repeat from run
+to run. A child process runs under callgrind and, for each contender, does a
+warm-up, then ``N`` transactions, then ``2N``, calling ``os.getppid()`` at each
+boundary. Callgrind is started with ``--dump-before=getppid``, so every boundary
+writes the counts since the previous one to a new part file. The ``2N`` part
+minus the ``N`` part is the cost of ``N`` transactions with start-up, imports,
+warm-up and the boundary calls cancelled out.
+
+Only the in-memory SQLite workloads are counted: a server's work happens in
+another process that callgrind does not see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .env import Env
+from .workloads import Workload, by_name
+
+__all__ = ["available", "count", "valgrind_version"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
+
+
+def available() -> str | None:
+    """Path of valgrind, or None when it is not installed."""
+    return shutil.which("valgrind")
+
+
+def valgrind_version() -> str | None:
+    exe = available()
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or None
+
+
+def _marker() -> None:
+    os.getppid()  # callgrind dumps its counters right before this call
+
+
+def _child(mode: str, names: list[str], n: int, warmup: int, order_file: str) -> None:
+    workloads = [by_name(name) for name in names]
+    order: list[list[str]] = []
+    env = Env("sqlite", "sqlite://")
+    if mode == "sync":
+        env.setup_sync()
+        gc.collect()
+        gc.freeze()
+        for workload in workloads:
+            for variant, run in workload.build(env, workload.name).items():
+                run(warmup)
+                gc.collect()
+                _marker()
+                run(n)
+                gc.collect()
+                _marker()
+                run(2 * n)
+                gc.collect()
+                _marker()
+                order.append([workload.name, variant])
+        env.close()
+    else:
+
+        async def main() -> None:
+            await env.setup_async()
+            gc.collect()
+            gc.freeze()
+            for workload in workloads:
+                for variant, run in workload.build(env, workload.name).items():
+                    await run(warmup)
+                    gc.collect()
+                    _marker()
+                    await run(n)
+                    gc.collect()
+                    _marker()
+                    await run(2 * n)
+                    gc.collect()
+                    _marker()
+                    order.append([workload.name, variant])
+            await env.aclose()
+
+        asyncio.run(main())
+    Path(order_file).write_text(json.dumps(order))
+
+
+def _parts(directory: Path, pid: int) -> list[int]:
+    """Instruction totals of the numbered part files, in dump order."""
+    found: list[tuple[int, int]] = []
+    for path in directory.glob(f"cg.{pid}.*"):
+        suffix = path.name.rsplit(".", 1)[1]
+        if not suffix.isdigit():
+            continue
+        match = _TOTALS.search(path.read_bytes())
+        if match is None:
+            raise RuntimeError(f"callgrind part {path.name} has no totals line")
+        found.append((int(suffix), int(match.group(1))))
+    return [total for _, total in sorted(found)]
+
+
+def count(
+    workloads: list[Workload], n: int, warmup: int, workdir: Path | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Instructions per transaction for every contender of ``workloads`` (in-memory
+    SQLite only). Sync and async workloads run in two children side by side.
+
+    Returns ``{workload: {variant: instructions}}`` and run details.
+    """
+    exe = available()
+    if exe is None:
+        raise RuntimeError("valgrind is not installed")
+    tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ss-cg-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    jobs = []
+    for mode in ("sync", "async"):
+        names = [w.name for w in workloads if w.mode == mode and w.backend == "sqlite"]
+        if not names:
+            continue
+        order_file = tmp / f"order-{mode}.json"
+        log = (tmp / f"valgrind-{mode}.log").open("wb")
+        cmd = [
+            exe,
+            "--tool=callgrind",
+            "--dump-before=getppid",
+            f"--callgrind-out-file={tmp}/cg.%p",
+            sys.executable,
+            "-m",
+            "benchmarks.callgrind",
+            "--child",
+            mode,
+            "--n",
+            str(n),
+            "--warmup",
+            str(warmup),
+            "--order-file",
+            str(order_file),
+            *names,
+        ]
+        proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        jobs.append((mode, proc, order_file, log))
+    counts: dict[str, dict[str, float]] = {}
+    for mode, proc, order_file, log in jobs:
+        code = proc.wait()
+        log.close()
+        if code != 0:
+            tail = (tmp / f"valgrind-{mode}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"callgrind child ({mode}) exited with {code}:\n{tail}")
+        order = json.loads(order_file.read_text())
+        parts = _parts(tmp, proc.pid)
+        if len(parts) != 3 * len(order):
+            raise RuntimeError(
+                f"callgrind ({mode}) wrote {len(parts)} parts for {len(order)} contenders; "
+                "something else called getppid()"
+            )
+        for j, (workload, variant) in enumerate(order):
+            once, twice = parts[3 * j + 1], parts[3 * j + 2]
+            counts.setdefault(workload, {})[variant] = (twice - once) / n
+    details = {"n": n, "warmup": warmup, "pythonhashseed": 0, "workdir": str(tmp)}
+    if workdir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        details.pop("workdir")
+    return counts, details
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="callgrind child (internal)")
+    parser.add_argument("--child", choices=("sync", "async"), required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--order-file", required=True)
+    parser.add_argument("workloads", nargs="+")
+    args = parser.parse_args()
+    _child(args.child, args.workloads, args.n, args.warmup, args.order_file)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,172 @@
+"""One database as every contender sees it: the sessionscope managers, the raw
+SQLAlchemy factories and the peers' objects, all on the *same* engines.
+
+The raw factories are built on the manager's engines on purpose: on SQLite the
+manager installs SQLAlchemy's BEGIN recipe (needed for savepoints), which adds an
+explicit ``BEGIN`` per transaction; sharing the engine makes every contender pay
+it, so the ratios measure session handling only.
+
+Every contender uses ``expire_on_commit=False`` (sessionscope's default), so
+they do the same work after COMMIT.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from sqlalchemy import String, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sessionscope import SessionConfig, SessionManager
+
+__all__ = ["Env", "make_model"]
+
+
+def make_model(table: str) -> tuple[type[DeclarativeBase], type[Any]]:
+    """A declarative base and a trivial ``Row`` model on ``table``.
+
+    Built per run so concurrent runs against one PostgreSQL database use
+    different tables and never see each other's rows.
+    """
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Row(Base):
+        __tablename__ = table
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(80))
+
+    return Base, Row
+
+
+class Env:
+    """Everything the workloads need on one database (``sqlite://`` in memory or a
+    PostgreSQL URL). Async objects are created in :meth:`setup_async`, inside the
+    event loop that will use them."""
+
+    def __init__(self, backend: str, url: str, *, pool_size: int = 10) -> None:
+        self.backend = backend
+        self.url = url
+        table = f"ss_bench_rows_{os.getpid()}" if backend == "postgresql" else "ss_bench_rows"
+        self.Base, self.Row = make_model(table)
+        options: dict[str, Any] = {}
+        if backend == "postgresql":
+            # SPEC section 5: pool of 10 and no overflow, so 200 tasks queue for it.
+            options = {"pool_size": pool_size, "max_overflow": 0}
+        self.manager = SessionManager(url, **options)
+        self._sync_ready = False
+        self._async_ready = False
+        self._server_table = False
+
+    # -- sync ------------------------------------------------------------------
+
+    def setup_sync(self) -> None:
+        if self._sync_ready:
+            return
+        engine = self.manager.engine
+        if self.backend == "sqlite" or not self._server_table:
+            self.Base.metadata.drop_all(engine)
+            self.Base.metadata.create_all(engine)
+            self._server_table = self.backend != "sqlite"
+        self.quiet = SessionManager(
+            engine=engine, config=SessionConfig(enable_monitoring=False)
+        )
+        self.raw: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+        self._sync_ready = True
+
+    @functools.cached_property
+    def aa_sync(self) -> Any:
+        """advanced-alchemy's sync config on the manager's engine (imported on first
+        use, so runs without this peer do not pay for importing it)."""
+        from advanced_alchemy.config import SQLAlchemySyncConfig, SyncSessionConfig
+
+        return SQLAlchemySyncConfig(
+            engine_instance=self.manager.engine,
+            session_config=SyncSessionConfig(expire_on_commit=False),
+        )
+
+    def count_sync(self, tag: str) -> int:
+        with self.manager.engine.connect() as conn:
+            return int(
+                conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
+            )
+
+    # -- async -----------------------------------------------------------------
+
+    async def setup_async(self) -> None:
+        if self._async_ready:
+            return
+        engine: AsyncEngine = self.manager.async_engine
+        if self.backend == "sqlite" or not self._server_table:
+            # On SQLite the async engine has its own in-memory database.
+            async with engine.begin() as conn:
+                await conn.run_sync(self.Base.metadata.drop_all)
+                await conn.run_sync(self.Base.metadata.create_all)
+            self._server_table = self.backend != "sqlite"
+        self.quiet_async = SessionManager(
+            async_engine=engine, config=SessionConfig(enable_monitoring=False)
+        )
+        self.araw = async_sessionmaker(engine, expire_on_commit=False)
+        self._async_ready = True
+
+    @functools.cached_property
+    def aa_async(self) -> Any:
+        """advanced-alchemy's async config on the manager's async engine."""
+        from advanced_alchemy.config import AsyncSessionConfig, SQLAlchemyAsyncConfig
+
+        return SQLAlchemyAsyncConfig(
+            engine_instance=self.manager.async_engine,
+            session_config=AsyncSessionConfig(expire_on_commit=False),
+        )
+
+    @functools.cached_property
+    def fas_db(self) -> Any:
+        """fastapi-async-sqlalchemy's ``db`` proxy on the manager's async engine."""
+        return _fastapi_async_sqlalchemy_db(self.manager.async_engine)
+
+    async def count_async(self, tag: str) -> int:
+        async with self.manager.async_engine.connect() as conn:
+            return int(
+                await conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
+            )
+
+    # -- teardown ----------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Drop the server table (if any) and dispose of every engine."""
+        if self._server_table:
+            async with self.manager.async_engine.begin() as conn:
+                await conn.run_sync(self.Base.metadata.drop_all)
+            self._server_table = False
+        await self.manager.adispose()
+
+    def close(self) -> None:
+        """Sync twin of :meth:`aclose` for runs that never used the async engine."""
+        if self._server_table:
+            self.Base.metadata.drop_all(self.manager.engine)
+            self._server_table = False
+        self.manager.dispose()
+
+
+def _fastapi_async_sqlalchemy_db(engine: AsyncEngine) -> Any:
+    """fastapi-async-sqlalchemy's ``db`` proxy bound to ``engine``.
+
+    The library binds its session factory when its middleware is constructed;
+    outside a request, ``async with db(): ...`` is its documented way to get a
+    session. A private middleware/proxy pair per engine keeps the contenders'
+    engines apart (the module-level ``db`` is a process-wide singleton).
+    """
+    from fastapi_async_sqlalchemy.middleware import create_middleware_and_session_proxy
+
+    middleware_cls, db = create_middleware_and_session_proxy()
+
+    async def _no_app(scope: Any, receive: Any, send: Any) -> None:  # never called
+        return None
+
+    middleware_cls(_no_app, custom_engine=engine, commit_on_exit=True)
+    return db

@@ -1,0 +1,132 @@
+"""Rendering of a result document: the text table, the JSON file and the PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .workloads import LABELS
+
+__all__ = ["render_table", "write_json", "write_png"]
+
+
+def _fmt_int(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _fmt_ratio(value: float | None, q1: float | None = None, q3: float | None = None) -> str:
+    if value is None:
+        return "-"
+    if q1 is None or q3 is None:
+        return f"{value:.3f}x"
+    return f"{value:.3f}x [{q1:.2f}-{q3:.2f}]"
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """The human-readable summary printed at the end of a run."""
+    lines: list[str] = []
+    head = (
+        f"{'contender':<34} {'us/tx':>9} {'tx/s':>8}  {'wall vs raw [IQR]':<24}"
+        f" {'instr/tx':>11} {'instr vs raw':>12}"
+    )
+    for name, wl in doc["workloads"].items():
+        lines.append("")
+        lines.append(f"{wl['group']} | {name}: {wl['title']}")
+        if "skipped" in wl:
+            lines.append(f"  skipped: {wl['skipped']}")
+            continue
+        direction = "throughput ratio, higher is better" if wl["throughput"] else "lower is better"
+        lines.append(
+            f"  ({wl['rounds']} rounds x {wl['units']} unit(s), {wl['tx_per_unit']} tx/unit; "
+            f"ratio = median of per-round ratios, {direction})"
+        )
+        lines.append("  " + head)
+        for variant, fig in wl["variants"].items():
+            label = LABELS.get(variant, variant)
+            lines.append(
+                f"  {label:<34} {fig['median_us_per_tx']:>9.1f} {fig['tx_per_s']:>8.0f}  "
+                f"{_fmt_ratio(fig['ratio'], fig['ratio_q1'], fig['ratio_q3']):<24}"
+                f" {_fmt_int(fig.get('instructions_per_tx')):>11}"
+                f" {_fmt_ratio(fig.get('instructions_ratio')):>12}"
+            )
+        for peer, reason in wl["not_applicable"].items():
+            lines.append(f"  {LABELS.get(peer, peer):<34} n/a: {reason}")
+        if "pool_after" in wl:
+            lines.append(f"  pool afterwards: {wl['pool_after']}")
+    lines.append("")
+    lines.append("Targets (SPEC section 5)")
+    lines.append(f"  {'target':<58} {'limit':>8} {'wall':>8} {'instr':>8}  met")
+    for t in doc["targets"]:
+        limit = f"{t['op']}{t['limit']:.2f}"
+        extra = ""
+        if "pool_checked_out_after" in t:
+            extra = f" (pool checked out afterwards: {t['pool_checked_out_after']})"
+        met = {True: "yes", False: "NO", None: "?"}[t["met"]]
+        lines.append(
+            f"  {t['name']:<58} {limit:>8} {_fmt_ratio(t.get('wall')):>8}"
+            f" {_fmt_ratio(t.get('instructions')):>8}  {met}{extra}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def write_png(doc: dict[str, Any], path: Path) -> None:
+    """Bar chart: each contender's cost relative to raw SQLAlchemy (time per
+    transaction, and instructions per transaction where counted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, float, float | None, str]] = []
+    for name, wl in doc["workloads"].items():
+        if "skipped" in wl:
+            continue
+        for variant, fig in wl["variants"].items():
+            if variant == "raw":
+                continue
+            wall = fig["ratio"]
+            label = f"{name} | {LABELS.get(variant, variant)}"
+            if wl["throughput"]:
+                label += f" (throughput {wall:.2f}x)"
+                wall = 1.0 / wall
+            rows.append((label, wall, fig.get("instructions_ratio"), variant))
+    if not rows:
+        return
+    colours = {
+        "fastapi_async_sqlalchemy": "#8c6bb1",
+        "advanced_alchemy": "#e6842a",
+        "raw_close": "#999999",
+    }
+    height = max(4.0, 0.28 * len(rows) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
+    ys = list(range(len(rows)))[::-1]
+    colour = [colours.get(r[3], "#2b8cbe") for r in rows]
+    axes[0].barh(ys, [r[1] for r in rows], color=colour)
+    axes[0].set_title("wall clock per transaction vs raw SQLAlchemy (median of rounds)")
+    instr = [r[2] if r[2] is not None else 0.0 for r in rows]
+    axes[1].barh(ys, instr, color=colour)
+    axes[1].set_title("instructions per transaction vs raw (callgrind, SQLite memory)")
+    for ax in axes:
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("x raw (lower is better)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels([r[0] for r in rows], fontsize=7)
+    meta = doc["meta"]
+    fig.suptitle(
+        f"sessionscope {meta['sessionscope']} vs raw SQLAlchemy {meta['packages']['sqlalchemy']}"
+        f" and peers - {meta['date']} - {meta['machine']['cpu']} x{meta['machine']['cores']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

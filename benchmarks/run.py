@@ -1,0 +1,429 @@
+"""Run the benchmark suite: ``python -m benchmarks [options]``.
+
+Measures every workload of :mod:`benchmarks.workloads` interleaved, counts
+instructions per transaction with callgrind for the in-memory SQLite ones,
+checks the SPEC section 5 targets, prints a table and writes
+``results/latest.json`` and ``results/latest.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from . import callgrind, report
+from .env import Env
+from .harness import Measurement, Plan, measure_async, measure_sync, summarize
+from .workloads import LABELS, PEERS, WORKLOADS, Workload
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ss_bench"
+
+TARGETS: tuple[dict[str, Any], ...] = (
+    {
+        "name": "scope overhead, sync, SQLite memory, monitoring on",
+        "workload": "insert_sync_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+    },
+    {
+        "name": "scope overhead, async, SQLite memory, monitoring on",
+        "workload": "insert_async_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+    },
+    {
+        "name": "decorator overhead, sync, SQLite memory",
+        "workload": "decorator_sync_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+    },
+    {
+        "name": "decorator overhead, async, SQLite memory",
+        "workload": "decorator_async_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+    },
+    {
+        "name": "throughput, 200 async tasks, PostgreSQL pool 10",
+        "workload": "concurrent_async_postgresql", "variant": "sessionscope",
+        "op": ">=", "limit": 1.25,
+    },
+)
+
+
+def _plans(profile: str) -> dict[str, Plan]:
+    """Measurement plans by kind of workload. ``full`` keeps the whole run near
+    five minutes on a 2-core machine; ``smoke`` only proves everything runs."""
+    if profile == "smoke":
+        tiny = Plan(rounds=2, batch_seconds=0.0, warmup=2, max_units=2)
+        return {"sqlite": tiny, "server": tiny, "concurrent": Plan(2, 0.0, 1, max_units=1)}
+    scale = 0.5 if profile == "quick" else 1.0
+    return {
+        "sqlite": Plan(rounds=max(5, round(25 * scale)), batch_seconds=0.05, warmup=30),
+        "server": Plan(rounds=max(5, round(15 * scale)), batch_seconds=0.1, warmup=20),
+        "concurrent": Plan(rounds=max(4, round(10 * scale)), batch_seconds=0.5, warmup=1),
+    }
+
+
+def _plan_for(plans: dict[str, Plan], workload: Workload) -> Plan:
+    if workload.tx_per_unit > 1:
+        return plans["concurrent"]
+    return plans["sqlite" if workload.backend == "sqlite" else "server"]
+
+
+# -- environment and versions ---------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_meta() -> dict[str, Any]:
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--", "src")
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "sessionscope": f"{_version('sessionscope')} ({commit or 'unknown commit'}"
+        f"{', src modified' if dirty else ''})",
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "arch": platform.machine(),
+            "kernel": f"{platform.system()} {platform.release()}",
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "packages": {
+            name: _version(dist)
+            for name, dist in (
+                ("sqlalchemy", "SQLAlchemy"),
+                ("greenlet", "greenlet"),
+                ("aiosqlite", "aiosqlite"),
+                ("psycopg", "psycopg"),
+                ("asyncpg", "asyncpg"),
+                ("fastapi_async_sqlalchemy", "fastapi-async-sqlalchemy"),
+                ("advanced_alchemy", "advanced-alchemy"),
+            )
+        },
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def _prepare_postgresql(url: str) -> tuple[str | None, str | None]:
+    """Create the benchmark database if missing; return (server version, reason
+    it cannot be used)."""
+    parsed = make_url(url)
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}
+            )
+            if not exists:
+                conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+            version = conn.scalar(text("SHOW server_version"))
+    except Exception as err:  # absent or refusing: skip its workloads, say why
+        return None, f"PostgreSQL unavailable ({type(err).__name__})"
+    finally:
+        admin.dispose()
+    return str(version), None
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+def _entry(workload: Workload) -> dict[str, Any]:
+    return {
+        "group": workload.group,
+        "title": workload.title,
+        "mode": workload.mode,
+        "backend": workload.backend + (" (in memory)" if workload.backend == "sqlite" else ""),
+        "throughput": workload.throughput,
+        "tx_per_unit": workload.tx_per_unit,
+        "not_applicable": dict(workload.not_applicable),
+    }
+
+
+def _finish(
+    entry: dict[str, Any], workload: Workload, m: Measurement, rows: dict[str, int]
+) -> None:
+    entry["rounds"] = m.rounds
+    entry["units"] = m.units
+    entry["variants"] = summarize(m, workload.throughput)
+    problems = []
+    for variant, found in rows.items():
+        expected = m.tx_done[variant] * workload.rows_per_tx
+        if found != expected:
+            problems.append(f"{variant}: {found} rows, expected {expected}")
+    entry["rows_verified"] = not problems
+    if problems:
+        entry["row_problems"] = problems
+    print(f"  {workload.name}: done ({m.units} unit(s) x {m.rounds} rounds)", flush=True)
+
+
+def _run_sync(
+    env: Env, workloads: list[Workload], plans: dict[str, Plan], out: dict[str, Any]
+) -> None:
+    env.setup_sync()
+    pool = env.manager.engine.pool
+    probe = pool.checkedout if env.backend == "postgresql" else None
+    for workload in workloads:
+        runners = workload.build(env, workload.name)
+        m = measure_sync(runners, _plan_for(plans, workload), workload.tx_per_unit, probe)
+        rows = {v: env.count_sync(workload.tag(v)) for v in runners}
+        entry = out[workload.name]
+        _finish(entry, workload, m, rows)
+        if probe is not None:
+            entry["pool_after"] = env.manager.pool_status()["sync"]
+
+
+async def _run_async(
+    env: Env, workloads: list[Workload], plans: dict[str, Plan], out: dict[str, Any]
+) -> None:
+    await env.setup_async()
+    pool = env.manager.async_engine.pool
+    probe = pool.checkedout if env.backend == "postgresql" else None
+    for workload in workloads:
+        runners = workload.build(env, workload.name)
+        m = await measure_async(runners, _plan_for(plans, workload), workload.tx_per_unit, probe)
+        rows = {v: await env.count_async(workload.tag(v)) for v in runners}
+        entry = out[workload.name]
+        _finish(entry, workload, m, rows)
+        if probe is not None:
+            entry["pool_after"] = env.manager.pool_status()["async"]
+            entry["sessionscope_active_sessions_after"] = env.manager.stats.active_sessions
+
+
+async def _async_phase(
+    sqlite_env: Env | None,
+    pg_env: Env | None,
+    sqlite_wl: list[Workload],
+    pg_wl: list[Workload],
+    plans: dict[str, Plan],
+    out: dict[str, Any],
+) -> None:
+    if sqlite_env is not None and sqlite_wl:
+        await _run_async(sqlite_env, sqlite_wl, plans, out)
+        await sqlite_env.aclose()
+    if pg_env is not None:
+        try:
+            if pg_wl:
+                await _run_async(pg_env, pg_wl, plans, out)
+        finally:
+            await pg_env.aclose()
+
+
+def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, float]]) -> None:
+    for name, per_variant in counts.items():
+        entry = out.get(name)
+        if entry is None or "variants" not in entry:
+            continue
+        base = per_variant.get("raw")
+        for variant, instructions in per_variant.items():
+            fig = entry["variants"].get(variant)
+            if fig is None:
+                continue
+            fig["instructions_per_tx"] = round(instructions)
+            if base:
+                fig["instructions_ratio"] = round(instructions / base, 4)
+
+
+def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each SPEC target with its wall-clock and instruction ratios; ``met`` is True
+    only if every figure available meets it (None when nothing was measured)."""
+    results = []
+    for target in TARGETS:
+        row: dict[str, Any] = dict(target)
+        entry = out.get(target["workload"], {})
+        fig = entry.get("variants", {}).get(target["variant"])
+        checks: list[bool] = []
+        if fig is not None:
+            row["wall"] = fig["ratio"]
+            checks.append(_meets(fig["ratio"], target))
+            if "instructions_ratio" in fig:
+                row["instructions"] = fig["instructions_ratio"]
+                checks.append(_meets(fig["instructions_ratio"], target))
+            if "pool_after" in entry:
+                out_now = entry["pool_after"].get("checked_out")
+                row["pool_checked_out_after"] = out_now
+                checks.append(out_now == 0 and fig.get("pool_checked_out_after_batches_max") == 0)
+        row["met"] = all(checks) if checks else None
+        results.append(row)
+    return results
+
+
+def _meets(value: float, target: dict[str, Any]) -> bool:
+    limit: float = target["limit"]
+    return value <= limit if target["op"] == "<=" else value >= limit
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="sessionscope vs raw SQLAlchemy and peer libraries (SPEC section 5)",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="half the rounds")
+    size.add_argument(
+        "--smoke", action="store_true", help="a few iterations: proves the suite runs (CI)"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings of workload names to run"
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("SESSIONSCOPE_BENCH_PG_URL", DEFAULT_PG_URL),
+        help=f"PostgreSQL URL, created if missing (default {DEFAULT_PG_URL})",
+    )
+    parser.add_argument(
+        "--no-postgresql", action="store_true", help="skip the PostgreSQL workloads"
+    )
+    parser.add_argument("--no-callgrind", action="store_true", help="skip instruction counts")
+    parser.add_argument(
+        "--callgrind-n", type=int, default=None, help="N of the N / 2N callgrind runs (default 100)"
+    )
+    parser.add_argument(
+        "--callgrind-only",
+        default=None,
+        help="comma-separated substrings of the workloads to count (default: every SQLite "
+        "one; with --smoke: the decorator ones, which import no peer library)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="where to write results"
+    )
+    parser.add_argument("--name", default="latest", help="file stem of the results (latest)")
+    parser.add_argument("--no-png", action="store_true", help="do not draw the chart")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    plans = _plans(profile)
+    filters = [f.strip() for f in args.only.split(",") if f.strip()]
+    selected = [w for w in WORKLOADS if not filters or any(f in w.name for f in filters)]
+    started = time.perf_counter()
+    meta = collect_meta()
+    meta["profile"] = profile
+    meta["plans"] = {k: vars(v) for k, v in plans.items()}
+    out: dict[str, dict[str, Any]] = {w.name: _entry(w) for w in selected}
+
+    pg_wanted = [w for w in selected if w.backend == "postgresql"]
+    pg_env: Env | None = None
+    if pg_wanted:
+        reason = "--no-postgresql given" if args.no_postgresql else None
+        if reason is None:
+            version, reason = _prepare_postgresql(args.pg_url)
+            meta["postgresql"] = version
+        if reason is not None:
+            for w in pg_wanted:
+                out[w.name]["skipped"] = reason
+            pg_wanted = []
+        else:
+            pg_env = Env("postgresql", args.pg_url)
+    meta["postgresql_url"] = make_url(args.pg_url).render_as_string(hide_password=True)
+
+    print(f"sessionscope benchmarks ({profile}), {len(selected)} workload(s)", flush=True)
+    sqlite_sync = [w for w in selected if w.backend == "sqlite" and w.mode == "sync"]
+    sqlite_async = [w for w in selected if w.backend == "sqlite" and w.mode == "async"]
+    sqlite_env = Env("sqlite", "sqlite://") if (sqlite_sync or sqlite_async) else None
+    try:
+        if sqlite_env is not None and sqlite_sync:
+            _run_sync(sqlite_env, sqlite_sync, plans, out)
+        if pg_env is not None:
+            pg_sync = [w for w in pg_wanted if w.mode == "sync"]
+            if pg_sync:
+                _run_sync(pg_env, pg_sync, plans, out)
+        asyncio.run(
+            _async_phase(
+                sqlite_env,
+                pg_env,
+                sqlite_async,
+                [w for w in pg_wanted if w.mode == "async"],
+                plans,
+                out,
+            )
+        )
+    finally:
+        if pg_env is not None:
+            pg_env.close()
+    meta["machine"]["loadavg_after_wall_clock"] = [round(x, 2) for x in os.getloadavg()]
+
+    counted = [w for w in selected if w.backend == "sqlite"]
+    only = args.callgrind_only
+    if only is None and args.smoke:
+        # Valgrind start-up with the peers imported takes ~30 s; the smoke run only
+        # has to prove the counting works.
+        only = "decorator_"
+    if only:
+        keep = [f.strip() for f in only.split(",") if f.strip()]
+        counted = [w for w in counted if any(f in w.name for f in keep)]
+    if counted and not args.no_callgrind:
+        if callgrind.available() is None:
+            meta["callgrind"] = "valgrind not installed: no instruction counts"
+        else:
+            n = args.callgrind_n or (2 if args.smoke else 100)
+            warmup = 1 if args.smoke else 30
+            print(f"  callgrind: counting instructions (N={n} and 2N)...", flush=True)
+            counts, details = callgrind.count(counted, n, warmup)
+            details["valgrind"] = callgrind.valgrind_version()
+            meta["callgrind"] = details
+            _apply_instructions(out, counts)
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+
+    doc = {
+        "meta": meta,
+        "peers": {p: LABELS[p] for p in PEERS},
+        "labels": LABELS,
+        "workloads": out,
+        "targets": evaluate_targets(out),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.write_json(doc, args.out / f"{args.name}.json")
+    if not args.no_png:
+        report.write_png(doc, args.out / f"{args.name}.png")
+    print(report.render_table(doc))
+    print(
+        f"\n{meta['seconds']} s; results in {args.out / (args.name + '.json')}"
+        + ("" if args.no_png else f" and {args.name}.png")
+    )
+    bad = [n for n, e in out.items() if e.get("rows_verified") is False]
+    if bad:
+        print(f"ERROR: contenders did not commit the expected rows in {bad}", file=sys.stderr)
+        return 1
+    return 0
