@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sessionscope import SessionConfig, SessionManager
+from sessionscope import SessionConfig, SessionManager, _async
 
 from .conftest import backend_url, require_server, reset_schema
 from .faults import (
@@ -286,6 +286,7 @@ async def test_second_cancellation_during_cleanup(env: Env) -> None:
         event.remove(engine, "rollback", cancel_again)
     assert rollbacks, "the second cancellation hit the cleanup's ROLLBACK"
     await await_for(lambda: env.pool.checkedout() == 0, "the shielded cleanup to finish")
+    await await_for(lambda: not _async._orphans, "the orphaned cleanup task to be released")
     env.assert_released()
     if env.admin is not None:
         assert env.idle_in_transaction([i for i in ids if i is not None]) == []

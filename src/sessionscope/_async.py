@@ -133,11 +133,25 @@ class AsyncScope:
         except asyncio.CancelledError:
             # Cancelled again: the shielded task carries on and returns (or
             # invalidates) the connection; the caller re-raises cancellation.
+            # The loop holds tasks weakly: keep this one until it is done.
+            _orphans.add(task)
+            task.add_done_callback(_orphan_done)
             return
         except Exception as err:  # a cleanup error must not replace CancelledError
-            _core.logger.warning(
-                "error while cleaning up a cancelled scope: %s", type(err).__name__
-            )
+            _log_cleanup_error(err)
+
+
+_orphans: set[asyncio.Future[Any]] = set()
+
+
+def _orphan_done(task: asyncio.Future[Any]) -> None:
+    _orphans.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        _log_cleanup_error(task.exception())
+
+
+def _log_cleanup_error(err: BaseException | None) -> None:
+    _core.logger.warning("error while cleaning up a cancelled scope: %s", type(err).__name__)
 
 
 async def acall_with_retry(
