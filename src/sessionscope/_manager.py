@@ -3,7 +3,9 @@ database; the module-level API acts on a default instance."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _backend, _core
+from . import _backend, _core, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
@@ -33,6 +35,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _CACHE_LIMIT = 256
+
+_logger = logging.getLogger("sessionscope")
 
 
 class SessionManager:
@@ -90,6 +94,9 @@ class SessionManager:
         self._resolved: dict[tuple[tuple[str, Any], ...], SessionConfig] = {}
         self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.stats = Stats()
+        # Called with (role, engine) when an engine is created (exporters attach
+        # their engine events here); see engines_by_role() for existing ones.
+        self._engine_hooks: list[Callable[[str, Engine], None]] = []
         self.name = name or _backend.safe_url(self.url)
         if engine is not None:
             _backend.apply_sqlite_savepoint_recipe(engine)
@@ -128,6 +135,7 @@ class SessionManager:
                 if engine is None:
                     engine = create_engine(self.url, **self._engine_options)
                     _backend.apply_sqlite_savepoint_recipe(engine)
+                    self._engine_created("sync", engine)
                     self._engine = engine
         return engine
 
@@ -141,6 +149,7 @@ class SessionManager:
                 if engine is None:
                     engine = create_async_engine(self.async_url, **self._engine_options)
                     _backend.apply_sqlite_savepoint_recipe(engine.sync_engine)
+                    self._engine_created("async", engine.sync_engine)
                     self._async_engine = engine
         return engine
 
@@ -421,14 +430,37 @@ class SessionManager:
 
     # -- monitoring --------------------------------------------------------------
 
-    def pool_status(self) -> dict[str, Any]:
-        """Pool figures of the engines created so far (``sync`` and ``async``)."""
-        status: dict[str, Any] = {}
+    def _engine_created(self, role: str, engine: Engine) -> None:
+        if _logger.isEnabledFor(logging.DEBUG):
+            _logger.debug(
+                "%s engine created: %s (%s)",
+                role,
+                _backend.safe_url(engine.url),
+                type(engine.pool).__name__,
+            )
+        for hook in self._engine_hooks:
+            hook(role, engine)
+
+    def engines_by_role(self) -> dict[str, Engine]:
+        """The engines created so far, keyed by role (``"sync"``, ``"async"``; the
+        async engine as its ``sync_engine``). Pool status and the exporters report
+        one entry per role, so a feature adding engines (read replicas) adds its
+        roles here and is reported everywhere. Creates nothing."""
+        engines: dict[str, Engine] = {}
         if self._engine is not None:
-            status["sync"] = _backend.pool_status(self._engine)
+            engines["sync"] = self._engine
         if self._async_engine is not None:
-            status["async"] = _backend.pool_status(self._async_engine.sync_engine)
-        return status
+            engines["async"] = self._async_engine.sync_engine
+        return engines
+
+    def pool_status(self) -> dict[str, Any]:
+        """Pool figures per engine role (see :meth:`engines_by_role`): ``size``,
+        ``checked_in``, ``checked_out``, ``overflow`` (SQLAlchemy's figure: negative
+        while the pool has not filled up), ``timeout`` and ``pool_class``; pools
+        without a figure (``StaticPool``, ``NullPool``, ...) report what they have."""
+        return {
+            role: _backend.pool_status(engine) for role, engine in self.engines_by_role().items()
+        }
 
     def get_stats(self) -> dict[str, Any]:
         """Statistics of this manager, with its pool status under ``"pool"``."""
@@ -441,6 +473,9 @@ class SessionManager:
         self.stats.reset()
 
     def _pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
+        self.stats.pool_timed_out()
+        # The moment the long-held warning is for: name the sessions holding the pool.
+        _watch.warn_overdue(self.stats, time.perf_counter())
         status: dict[str, Any] = {}
         pools = self.pool_status()
         # Name the pool(s) that ran dry (no idle connection), not every engine's.

@@ -1,42 +1,105 @@
-"""Statistics counters, durations and snapshots (pure, thread- and task-safe)."""
+"""Statistics: counters, durations, long-held sessions, snapshots (pure, no I/O).
+
+One :class:`Stats` per manager. Every event takes its one lock for a few
+attribute updates, so counts are exact under threads, and cheap in asyncio where
+the lock is never contended.
+
+Two views of the same counters:
+
+* :meth:`Stats.snapshot` is what ``get_session_stats()`` shows: figures since
+  the last :meth:`Stats.reset` (the live ``active_sessions`` gauge excepted).
+* :meth:`Stats.totals` is monotonic since the ``Stats`` was created, whatever
+  the resets: exporters (Prometheus, OpenTelemetry) read it, so a
+  ``reset_session_stats()`` never makes an exported counter go backwards.
+
+``reset()`` does not zero the counters; it stores them as a baseline that
+:meth:`Stats.snapshot` subtracts. Only the figures that cannot be subtracted
+(the maxima and the percentile window) are cleared.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
+from bisect import bisect_left
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
-__all__ = ["Stats"]
+__all__ = ["DURATION_BUCKETS", "Held", "Stats", "TransactionListener"]
 
-_WINDOW = 1024  # transactions kept for percentiles: bounded memory, recent behaviour
+DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+"""Upper bounds (seconds, inclusive) of the transaction duration histogram: the
+boundaries the OpenTelemetry database conventions recommend for
+``db.client.operation.duration``, also used for the Prometheus histogram."""
+
+_logger = logging.getLogger("sessionscope")
+
+_WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
+
+TransactionListener = Callable[[float, bool, bool, str | None], None]
+"""Called after each transaction with ``(duration, committed, failed, function)``."""
 
 
-class _FuncStats:
+class _Func:
     __slots__ = ("calls", "failures", "max", "total")
 
     def __init__(self) -> None:
         self.calls = 0
         self.failures = 0
         self.total = 0.0
-        self.max = 0.0
+        self.max = 0.0  # since the last reset
+
+
+class Held:
+    """A session being watched for the long-held warning.
+
+    ``where`` is the decorated function's name, or ``(code, line)`` of the
+    ``with`` statement that opened it (formatted only if a warning is logged).
+    """
+
+    __slots__ = ("deadline", "started", "threshold", "where")
+
+    def __init__(self, started: float, threshold: float, where: object) -> None:
+        self.started = started
+        self.threshold = threshold
+        self.deadline = started + threshold
+        self.where = where
+
+
+_COUNTERS: Final = (
+    "session_count",
+    "total_transactions",
+    "committed",
+    "rolled_back",
+    "failed",
+    "retries",
+    "savepoints",
+    "savepoint_rollbacks",
+    "cancellations",
+    "slow",
+    "long_held",
+    "pool_timeouts",
+    "dur_sum",
+)
 
 
 class Stats:
-    """Counters of one manager.
+    """Counters of one manager; see the module docstring for the two views.
 
-    All updates take one lock, held for a few attribute updates only: exact under
-    threads, and cheap in asyncio where there is no contention. ``reset()`` zeroes
-    the counters but keeps the live ``active_sessions`` gauge, which describes
-    sessions that are still open.
+    Event methods are called by the transaction core only when monitoring is
+    enabled for the scope; with ``enable_monitoring=False`` nothing here runs.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.created = time.time()
+        """Wall-clock time the monotonic totals started from."""
+        self.reset_at = self.created
+        """Wall-clock time of the last reset (the start of :meth:`snapshot`)."""
         self.active_sessions = 0
-        self._zero()
-
-    def _zero(self) -> None:
         self.session_count = 0
         self.total_transactions = 0
         self.committed = 0
@@ -47,21 +110,38 @@ class Stats:
         self.savepoint_rollbacks = 0
         self.cancellations = 0
         self.slow = 0
+        self.long_held = 0
+        self.pool_timeouts = 0
         self.dur_sum = 0.0
         self.dur_max = 0.0
         self.durations: deque[float] = deque(maxlen=_WINDOW)
-        self.functions: dict[str, _FuncStats] = {}
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.functions: dict[str, _Func] = {}
         self.retry_errors: dict[str, int] = {}
+        self._base: dict[str, Any] | None = None
+        self._held: dict[int, Held] = {}
+        self.next_deadline = math.inf
+        """Earliest deadline of a watched session; read without the lock as a
+        cheap "is a long-held check due?" test (a stale value only causes one
+        extra check)."""
+        self.listeners: tuple[TransactionListener, ...] = ()
 
-    def reset(self) -> None:
-        """Zero every counter except the ``active_sessions`` gauge."""
-        with self._lock:
-            self._zero()
+    # -- events ------------------------------------------------------------------
 
     def session_opened(self) -> None:
         with self._lock:
             self.session_count += 1
             self.active_sessions += 1
+
+    def session_opened_watched(self, key: int, held: Held) -> None:
+        """:meth:`session_opened` for a session watched for the long-held
+        warning; ``key`` identifies it until :meth:`transaction_ended`."""
+        with self._lock:
+            self.session_count += 1
+            self.active_sessions += 1
+            self._held[key] = held
+            if held.deadline < self.next_deadline:
+                self.next_deadline = held.deadline
 
     def transaction_ended(
         self,
@@ -71,6 +151,7 @@ class Stats:
         duration: float,
         slow_threshold: float,
         function: str | None,
+        key: int = 0,
     ) -> bool:
         """Record the end of a scope that owned its session; return True if slow.
 
@@ -80,6 +161,8 @@ class Stats:
         slow = duration > slow_threshold
         with self._lock:
             self.active_sessions -= 1
+            if self._held:
+                self._held.pop(key, None)
             self.total_transactions += 1
             if committed:
                 self.committed += 1
@@ -91,19 +174,32 @@ class Stats:
             if duration > self.dur_max:
                 self.dur_max = duration
             self.durations.append(duration)
+            self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
             if slow:
                 self.slow += 1
             if function is not None:
-                fs = self.functions.get(function)
-                if fs is None:
-                    fs = self.functions[function] = _FuncStats()
-                fs.calls += 1
-                fs.total += duration
-                if duration > fs.max:
-                    fs.max = duration
-                if failed:
-                    fs.failures += 1
+                self._function_locked(function, duration, failed)
+        if self.listeners:
+            self._notify(duration, committed, failed, function)
         return slow
+
+    def function_ended(self, function: str, duration: float, failed: bool) -> None:
+        """Record a decorated call that joined an enclosing transaction or made a
+        savepoint (calls owning their transaction go through
+        :meth:`transaction_ended`)."""
+        with self._lock:
+            self._function_locked(function, duration, failed)
+
+    def _function_locked(self, function: str, duration: float, failed: bool) -> None:
+        fs = self.functions.get(function)
+        if fs is None:
+            fs = self.functions[function] = _Func()
+        fs.calls += 1
+        fs.total += duration
+        if duration > fs.max:
+            fs.max = duration
+        if failed:
+            fs.failures += 1
 
     def savepoint_ended(self, *, rolled_back: bool) -> None:
         with self._lock:
@@ -121,39 +217,140 @@ class Stats:
         with self._lock:
             self.cancellations += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of every figure, as plain JSON-friendly values."""
+    def pool_timed_out(self) -> None:
         with self._lock:
-            total = self.total_transactions
+            self.pool_timeouts += 1
+
+    def overdue(self, now: float) -> list[tuple[float, Held]]:
+        """Watched sessions open past their threshold at ``now``, as
+        ``(age, held)``; each is returned once, then no longer watched."""
+        with self._lock:
+            found: list[tuple[float, Held]] = []
+            earliest = math.inf
+            for key, held in list(self._held.items()):
+                if held.deadline <= now:
+                    del self._held[key]
+                    found.append((now - held.started, held))
+                elif held.deadline < earliest:
+                    earliest = held.deadline
+            self.next_deadline = earliest
+            self.long_held += len(found)
+            return found
+
+    def _notify(self, duration: float, committed: bool, failed: bool, function: str | None) -> None:
+        for listener in self.listeners:
+            # An exporter's failure must not break (or replace the error of) the
+            # transaction that is being recorded.
+            try:
+                listener(duration, committed, failed, function)
+            except Exception as err:
+                _logger.warning(
+                    "statistics listener %r failed: %s", listener, type(err).__name__
+                )
+
+    def add_listener(self, listener: TransactionListener) -> None:
+        """Call ``listener`` after every recorded transaction (outside the lock)."""
+        with self._lock:
+            self.listeners = (*self.listeners, listener)
+
+    def remove_listener(self, listener: TransactionListener) -> None:
+        with self._lock:
+            # == rather than "is": a bound method is a new object at each access.
+            self.listeners = tuple(x for x in self.listeners if x != listener)
+
+    # -- views -------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Start :meth:`snapshot` from zero again; keeps the live
+        ``active_sessions`` gauge, the long-held watch and :meth:`totals`."""
+        with self._lock:
+            self._base = self._totals_locked()
+            self.reset_at = time.time()
+            self.dur_max = 0.0
+            self.durations.clear()
+            for fs in self.functions.values():
+                fs.max = 0.0
+
+    def totals(self) -> dict[str, Any]:
+        """Monotonic figures since this object was created (for exporters):
+        the counters, ``retry_errors``, ``buckets`` (per :data:`DURATION_BUCKETS`
+        bound, then the overflow, not cumulative), ``functions`` (name ->
+        ``(calls, failures, duration_sum)``), plus ``active_sessions``."""
+        with self._lock:
+            totals = self._totals_locked()
+            totals["active_sessions"] = self.active_sessions
+            return totals
+
+    def _totals_locked(self) -> dict[str, Any]:
+        totals: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
+        totals["retry_errors"] = dict(self.retry_errors)
+        totals["buckets"] = list(self.buckets)
+        totals["functions"] = {
+            name: (fs.calls, fs.failures, fs.total) for name, fs in self.functions.items()
+        }
+        return totals
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every figure since the last reset, as plain JSON-friendly values.
+
+        ``success_rate`` is in percent (100.0 when nothing ran); durations are
+        seconds: ``avg_duration`` over all transactions since the reset,
+        ``p95_duration`` (nearest rank) over the last 1024, ``max_duration``
+        since the reset.
+        """
+        with self._lock:
+            now = self._totals_locked()
             durations = sorted(self.durations)
-            functions = {
+            maxima = {name: fs.max for name, fs in self.functions.items()}
+            active = self.active_sessions
+            dur_max = self.dur_max
+            base = self._base
+        if base is not None:
+            for name in _COUNTERS:
+                now[name] -= base[name]
+            now["retry_errors"] = _minus(now["retry_errors"], base["retry_errors"])
+            base_funcs = base["functions"]
+            funcs = {}
+            for name, (calls, failures, total) in now["functions"].items():
+                b = base_funcs.get(name, (0, 0, 0.0))
+                if calls - b[0]:
+                    funcs[name] = (calls - b[0], failures - b[1], total - b[2])
+            now["functions"] = funcs
+        total = now["total_transactions"]
+        failed = now["failed"]
+        return {
+            "session_count": now["session_count"],
+            "active_sessions": active,
+            "total_transactions": total,
+            "failed_transactions": failed,
+            "success_rate": 100.0 if total == 0 else (total - failed) * 100.0 / total,
+            "committed_transactions": now["committed"],
+            "rolled_back_transactions": now["rolled_back"],
+            "retries": now["retries"],
+            "retry_errors": now["retry_errors"],
+            "savepoints": now["savepoints"],
+            "savepoint_rollbacks": now["savepoint_rollbacks"],
+            "cancellations": now["cancellations"],
+            "slow_transactions": now["slow"],
+            "long_held_sessions": now["long_held"],
+            "pool_timeouts": now["pool_timeouts"],
+            "avg_duration": now["dur_sum"] / total if total else 0.0,
+            "p95_duration": _percentile(durations, 0.95),
+            "max_duration": dur_max,
+            "functions": {
                 name: {
-                    "calls": fs.calls,
-                    "failures": fs.failures,
-                    "avg_duration": fs.total / fs.calls if fs.calls else 0.0,
-                    "max_duration": fs.max,
+                    "calls": calls,
+                    "failures": failures,
+                    "avg_duration": dsum / calls,
+                    "max_duration": maxima.get(name, 0.0),
                 }
-                for name, fs in self.functions.items()
-            }
-            return {
-                "session_count": self.session_count,
-                "active_sessions": self.active_sessions,
-                "total_transactions": total,
-                "failed_transactions": self.failed,
-                "success_rate": 100.0 if total == 0 else (total - self.failed) * 100.0 / total,
-                "committed_transactions": self.committed,
-                "rolled_back_transactions": self.rolled_back,
-                "retries": self.retries,
-                "retry_errors": dict(self.retry_errors),
-                "savepoints": self.savepoints,
-                "savepoint_rollbacks": self.savepoint_rollbacks,
-                "cancellations": self.cancellations,
-                "slow_transactions": self.slow,
-                "avg_duration": self.dur_sum / total if total else 0.0,
-                "p95_duration": _percentile(durations, 0.95),
-                "max_duration": self.dur_max,
-                "functions": functions,
-            }
+                for name, (calls, failures, dsum) in sorted(now["functions"].items())
+            },
+        }
+
+
+def _minus(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
+    return {k: v - base.get(k, 0) for k, v in now.items() if v - base.get(k, 0)}
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

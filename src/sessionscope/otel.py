@@ -1,0 +1,379 @@
+"""OpenTelemetry metrics (install the ``sessionscope[otel]`` extra).
+
+::
+
+    from sessionscope.otel import instrument
+
+    instrument()                  # the default manager, the global MeterProvider
+    instrument(orders, meter_provider=provider)
+
+Database client semantic conventions (names as in semantic conventions 1.44,
+where ``db.client.operation.duration`` is stable and the connection metrics are
+still in development):
+
+* ``db.client.operation.duration`` (histogram, s, the recommended buckets
+  0.001 ... 10): every statement the manager's engines send, timed from the
+  cursor's execute to its return, with ``db.system.name``, ``db.namespace``,
+  ``db.operation.name`` (the statement's first keyword: ``SELECT``, ``INSERT``,
+  ``BEGIN``, ``SAVEPOINT``, ...; never the statement text or its parameters),
+  ``server.address`` / ``server.port``, and on failure ``error.type`` (the
+  exception class) and ``db.response.status_code`` (SQLSTATE or error number).
+  COMMIT and ROLLBACK are not cursor executions; transactions are covered below.
+* ``db.client.connection.count`` (``db.client.connection.state`` = ``idle`` /
+  ``used``), ``db.client.connection.max`` and ``db.client.connection.idle.max``,
+  per pool: ``db.client.connection.pool.name`` is ``"<manager name> [<role>]"``
+  (role ``sync``/``async``, see ``SessionManager.engines_by_role``). Pools
+  without these figures (``NullPool``, ``StaticPool``) report nothing.
+
+sessionscope's own figures (no convention exists for them), with the attribute
+``sessionscope.manager``:
+
+* ``sessionscope.transaction.duration`` (histogram, s, same buckets):
+  ``sessionscope.transaction.outcome`` = ``committed`` / ``rolled_back`` /
+  ``failed``, ``code.function.name`` for decorated functions. Its count is the
+  number of transactions, so success rate = 1 - failed / all.
+* counters ``sessionscope.session.opened``, ``sessionscope.retries``
+  (``error.type``), ``sessionscope.savepoints`` (``sessionscope.savepoint.outcome``),
+  ``sessionscope.cancellations``, ``sessionscope.transaction.slow``,
+  ``sessionscope.session.long_held``, ``sessionscope.pool.timeouts``; and the
+  up-down counter ``sessionscope.session.active``.
+
+Counters are observed from the manager's monotonic totals, so
+``reset_session_stats()`` never makes them go backwards. Transaction figures
+need ``enable_monitoring=True`` (the default). Importing this module imports
+``opentelemetry``; ``import sessionscope`` never does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from . import __version__
+from ._manager import SessionManager
+from ._stats import DURATION_BUCKETS
+
+__all__ = ["Instrumentation", "instrument"]
+
+_SYSTEMS: Final = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
+_START: Final = "_sessionscope_otel_start"
+
+
+class Instrumentation:
+    """The instruments of one manager; :meth:`uninstrument` stops recording."""
+
+    def __init__(self, manager: SessionManager, meter_provider: MeterProvider | None) -> None:
+        self.manager = manager
+        self._lock = threading.Lock()
+        self._engines: list[tuple[Engine, dict[str, Callable[..., None]]]] = []
+        self._active = True
+        self._tx_attrs: dict[tuple[str, str | None], dict[str, str]] = {}
+        meter = metrics.get_meter("sessionscope", __version__, meter_provider=meter_provider)
+        self._operation = meter.create_histogram(
+            "db.client.operation.duration",
+            unit="s",
+            description="Duration of database client operations.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self._transaction = meter.create_histogram(
+            "sessionscope.transaction.duration",
+            unit="s",
+            description="Duration of sessionscope transactions, scope entry to close.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count",
+            [self._connection_count],
+            unit="{connection}",
+            description="Connections currently in the state given by db.client.connection.state.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.max",
+            [self._connection_limit("max")],
+            unit="{connection}",
+            description="The maximum number of open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.idle.max",
+            [self._connection_limit("idle_max")],
+            unit="{connection}",
+            description="The maximum number of idle open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "sessionscope.session.active",
+            [self._gauge("active_sessions")],
+            unit="{session}",
+            description="Sessions open right now.",
+        )
+        for name, key, unit, description in (
+            ("sessionscope.session.opened", "session_count", "{session}", "Sessions opened."),
+            (
+                "sessionscope.cancellations",
+                "cancellations",
+                "{scope}",
+                "Async scopes ended by cancellation.",
+            ),
+            (
+                "sessionscope.transaction.slow",
+                "slow",
+                "{transaction}",
+                "Transactions longer than slow_threshold.",
+            ),
+            (
+                "sessionscope.session.long_held",
+                "long_held",
+                "{session}",
+                "Sessions reported open longer than long_session_warning.",
+            ),
+            (
+                "sessionscope.pool.timeouts",
+                "pool_timeouts",
+                "{timeout}",
+                "Checkouts that gave up waiting for a pooled connection.",
+            ),
+        ):
+            meter.create_observable_counter(
+                name, [self._gauge(key)], unit=unit, description=description
+            )
+        meter.create_observable_counter(
+            "sessionscope.retries",
+            [self._retries],
+            unit="{retry}",
+            description="Retries after transient errors, by error class.",
+        )
+        meter.create_observable_counter(
+            "sessionscope.savepoints",
+            [self._savepoints],
+            unit="{savepoint}",
+            description="Savepoints ended, by outcome.",
+        )
+        self._base = {"sessionscope.manager": manager.name}
+        manager.stats.add_listener(self._on_transaction)
+        manager._engine_hooks.append(self._on_engine)
+        for role, engine in manager.engines_by_role().items():
+            self._on_engine(role, engine)
+
+    def uninstrument(self) -> None:
+        """Stop recording: detach the engine events and the statistics listener;
+        the observable instruments report nothing from now on."""
+        with self._lock:
+            self._active = False
+            engines, self._engines = self._engines, []
+        self.manager.stats.remove_listener(self._on_transaction)
+        if self._on_engine in self.manager._engine_hooks:
+            self.manager._engine_hooks.remove(self._on_engine)
+        for engine, listeners in engines:
+            for name, fn in listeners.items():
+                event.remove(engine, name, fn)
+
+    # -- transactions (statistics listener) ---------------------------------------
+
+    def _on_transaction(
+        self, duration: float, committed: bool, failed: bool, function: str | None
+    ) -> None:
+        outcome = "committed" if committed else "failed" if failed else "rolled_back"
+        attrs = self._tx_attrs.get((outcome, function))
+        if attrs is None:
+            attrs = {**self._base, "sessionscope.transaction.outcome": outcome}
+            if function is not None:
+                attrs["code.function.name"] = function
+            if len(self._tx_attrs) < 1024:
+                self._tx_attrs[(outcome, function)] = attrs
+        self._transaction.record(duration, attrs)
+
+    # -- statements (engine events) ----------------------------------------------
+
+    def _on_engine(self, role: str, engine: Engine) -> None:
+        with self._lock:
+            if not self._active or any(e is engine for e, _ in self._engines):
+                return
+            listeners = _statement_listeners(engine, self._operation.record)
+            for name, fn in listeners.items():
+                event.listen(engine, name, fn)
+            self._engines.append((engine, listeners))
+
+    # -- observable callbacks ----------------------------------------------------
+
+    def _gauge(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            if not self._active:
+                return []
+            return [Observation(self.manager.stats.totals()[key], self._base)]
+
+        return observe
+
+    def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        errors: dict[str, int] = self.manager.stats.totals()["retry_errors"]
+        return [Observation(n, {**self._base, "error.type": e}) for e, n in errors.items()]
+
+    def _savepoints(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        t = self.manager.stats.totals()
+        key = "sessionscope.savepoint.outcome"
+        released = t["savepoints"] - t["savepoint_rollbacks"]
+        return [
+            Observation(released, {**self._base, key: "released"}),
+            Observation(t["savepoint_rollbacks"], {**self._base, key: "rolled_back"}),
+        ]
+
+    def _pools(self) -> Iterable[tuple[str, Any]]:
+        if not self._active:
+            return []
+        name = self.manager.name
+        return [(f"{name} [{role}]", e.pool) for role, e in self.manager.engines_by_role().items()]
+
+    def _connection_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for pool_name, pool in self._pools():
+            if hasattr(pool, "checkedout") and hasattr(pool, "checkedin"):
+                for state, value in (("used", pool.checkedout()), ("idle", pool.checkedin())):
+                    attrs = {
+                        "db.client.connection.pool.name": pool_name,
+                        "db.client.connection.state": state,
+                    }
+                    out.append(Observation(value, attrs))
+        return out
+
+    def _connection_limit(self, which: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            out = []
+            for pool_name, pool in self._pools():
+                size = pool.size() if hasattr(pool, "size") else None
+                if not isinstance(size, int):
+                    continue
+                # QueuePool keeps at most pool_size idle and opens up to
+                # max_overflow more (a negative max_overflow means no limit).
+                overflow = getattr(pool, "_max_overflow", None)
+                if which == "idle_max":
+                    value: int | None = size
+                elif isinstance(overflow, int) and overflow >= 0:
+                    value = size + overflow
+                else:
+                    value = None
+                if value is not None:
+                    out.append(Observation(value, {"db.client.connection.pool.name": pool_name}))
+            return out
+
+        return observe
+
+
+def _statement_listeners(
+    engine: Engine, record: Callable[[float, dict[str, Any]], None]
+) -> dict[str, Callable[..., None]]:
+    dialect = engine.dialect
+    if getattr(dialect, "is_mariadb", False):
+        system = "mariadb"
+    else:
+        system = _SYSTEMS.get(dialect.name, "other_sql")
+    url = engine.url
+    base: dict[str, Any] = {"db.system.name": system}
+    if url.database:
+        base["db.namespace"] = url.database
+    if url.host:
+        base["server.address"] = url.host
+        if url.port:
+            base["server.port"] = url.port
+    cache: dict[str | None, dict[str, Any]] = {}
+
+    def attrs_for(statement: str) -> dict[str, Any]:
+        operation = _operation_name(statement)
+        attrs = cache.get(operation)
+        if attrs is None:
+            attrs = dict(base)
+            if operation is not None:
+                attrs["db.operation.name"] = operation
+            if len(cache) < 256:
+                cache[operation] = attrs
+        return attrs
+
+    def before(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        if context is not None:
+            setattr(context, _START, time.perf_counter())
+
+    def after(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        started = getattr(context, _START, None)
+        if started is not None:
+            record(time.perf_counter() - started, attrs_for(statement))
+
+    def failed(ctx: Any) -> None:
+        context = ctx.execution_context
+        started = getattr(context, _START, None)
+        if started is None:
+            return
+        error = ctx.original_exception
+        attrs = {**attrs_for(ctx.statement or ""), "error.type": _qualname(error)}
+        code = _status_code(error, mysql=system in ("mysql", "mariadb"))
+        if code is not None:
+            attrs["db.response.status_code"] = code
+        record(time.perf_counter() - started, attrs)
+
+    return {
+        "before_cursor_execute": before,
+        "after_cursor_execute": after,
+        "handle_error": failed,
+    }
+
+
+def _operation_name(statement: str) -> str | None:
+    # The first keyword only: low cardinality and free of literals and parameters.
+    head = statement.lstrip("( \t\r\n")[:24].split(None, 1)
+    if not head:
+        return None
+    word = head[0].upper()
+    return word if word.isalpha() else None
+
+
+def _qualname(error: BaseException) -> str:
+    cls = type(error)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _status_code(error: BaseException, *, mysql: bool) -> str | None:
+    # The code each system documents: MySQL/MariaDB's error number, the
+    # SQLSTATE elsewhere (psycopg; asyncpg through its adapter's cause), and
+    # SQLite's extended result code.
+    args = getattr(error, "args", ())
+    if mysql and args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return str(args[0])
+    for candidate in (error, error.__cause__):
+        if candidate is None:
+            continue
+        for attr in ("sqlstate", "pgcode"):
+            value = getattr(candidate, attr, None)
+            if isinstance(value, str) and value:
+                return value
+    sqlite_code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(sqlite_code, int):
+        return str(sqlite_code)
+    return None
+
+
+def instrument(
+    manager: SessionManager | None = None, *, meter_provider: MeterProvider | None = None
+) -> Instrumentation:
+    """Record OpenTelemetry metrics for ``manager`` (default: the default manager,
+    which must be set up) through ``meter_provider`` (default: the global one).
+
+    Engines created later are instrumented when they are created. Call it once
+    per manager; after ``setup_database_connection()`` builds a new default
+    manager, uninstrument the old and instrument the new one.
+    """
+    if manager is None:
+        from ._api import get_default_manager
+
+        manager = get_default_manager()
+    return Instrumentation(manager, meter_provider)

@@ -1,0 +1,210 @@
+"""Prometheus exporter (install the ``sessionscope[prometheus]`` extra).
+
+::
+
+    from sessionscope.prometheus import register
+
+    register()                      # the default manager, on prometheus_client's REGISTRY
+    register(orders, billing)       # several SessionManager instances, one collector
+
+The collector reads the managers' statistics when Prometheus scrapes, so it adds
+no work to transactions. It reads the monotonic totals, not the
+``get_session_stats()`` view: ``reset_session_stats()`` never makes an exported
+counter go down.
+
+Every series has a ``manager`` label (``SessionManager.name``: the URL with its
+password hidden, unless named). Counters end in ``_total``, durations are
+seconds. Success rate is left to PromQL, for example::
+
+    1 - sum(rate(sessionscope_transactions_total{outcome="failed"}[5m]))
+      / sum(rate(sessionscope_transactions_total[5m]))
+
+Importing this module imports ``prometheus_client``; ``import sessionscope``
+never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+
+from ._manager import SessionManager
+from ._stats import DURATION_BUCKETS
+
+__all__ = ["SessionScopeCollector", "register"]
+
+_POOL_GAUGES = (
+    ("size", "sessionscope_pool_size", "Connections the pool keeps (pool_size)."),
+    ("checked_out", "sessionscope_pool_checked_out", "Connections in use."),
+    ("checked_in", "sessionscope_pool_checked_in", "Idle connections in the pool."),
+    (
+        "overflow",
+        "sessionscope_pool_overflow",
+        "Connections beyond pool_size (SQLAlchemy's figure: negative until the pool fills).",
+    ),
+)
+
+
+class SessionScopeCollector:
+    """A ``prometheus_client`` collector for one or more managers.
+
+    With no manager given it follows the default manager at each scrape (so a
+    later or repeated ``setup_database_connection()`` is picked up; before setup
+    it exports nothing). Give managers distinct ``name=`` values when several
+    point at the same URL, or their series collide.
+    """
+
+    def __init__(self, *managers: SessionManager) -> None:
+        self._managers = list(managers)
+
+    def add(self, manager: SessionManager) -> None:
+        """Export ``manager`` too."""
+        self._managers.append(manager)
+
+    def _targets(self) -> list[SessionManager]:
+        if self._managers:
+            return list(self._managers)
+        from . import _api
+
+        default = _api._default
+        return [] if default is None else [default]
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric families, without samples (lets a registry check names
+        without reading any statistics)."""
+        return self._families().values()
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        for manager in self._targets():
+            _fill(families, manager)
+        return families.values()
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        m = ["manager"]
+        families: dict[str, Any] = {
+            "sessions": CounterMetricFamily(
+                "sessionscope_sessions", "Sessions opened by sessionscope scopes.", labels=m
+            ),
+            "active": GaugeMetricFamily(
+                "sessionscope_active_sessions", "Sessions open right now.", labels=m
+            ),
+            "transactions": CounterMetricFamily(
+                "sessionscope_transactions",
+                "Transactions ended, by outcome: committed, rolled_back (quietly: "
+                "auto_commit=False or set_rollback) or failed (an error ended it).",
+                labels=[*m, "outcome"],
+            ),
+            "duration": HistogramMetricFamily(
+                "sessionscope_transaction_duration_seconds",
+                "Time from scope entry to the session's close.",
+                labels=m,
+                unit="seconds",
+            ),
+            "slow": CounterMetricFamily(
+                "sessionscope_slow_transactions",
+                "Transactions longer than slow_threshold.",
+                labels=m,
+            ),
+            "retries": CounterMetricFamily(
+                "sessionscope_retries",
+                "Retries after transient errors, by error class.",
+                labels=[*m, "error"],
+            ),
+            "savepoints": CounterMetricFamily(
+                "sessionscope_savepoints",
+                "Savepoints ended, by outcome: released or rolled_back.",
+                labels=[*m, "outcome"],
+            ),
+            "cancellations": CounterMetricFamily(
+                "sessionscope_cancellations", "Async scopes ended by cancellation.", labels=m
+            ),
+            "long_held": CounterMetricFamily(
+                "sessionscope_long_held_sessions",
+                "Sessions reported open longer than long_session_warning.",
+                labels=m,
+            ),
+            "pool_timeouts": CounterMetricFamily(
+                "sessionscope_pool_timeouts",
+                "Checkouts that gave up waiting for a pooled connection.",
+                labels=m,
+            ),
+            "function_duration": SummaryMetricFamily(
+                "sessionscope_function_duration_seconds",
+                "Calls of decorated functions and their time.",
+                labels=[*m, "function"],
+                unit="seconds",
+            ),
+            "function_failures": CounterMetricFamily(
+                "sessionscope_function_failures",
+                "Calls of decorated functions that raised.",
+                labels=[*m, "function"],
+            ),
+        }
+        for key, name, doc in _POOL_GAUGES:
+            families[f"pool_{key}"] = GaugeMetricFamily(name, doc, labels=[*m, "engine"])
+        return families
+
+
+def _fill(families: dict[str, Any], manager: SessionManager) -> None:
+    t = manager.stats.totals()
+    created = manager.stats.created
+    name = manager.name
+    families["sessions"].add_metric([name], t["session_count"], created)
+    families["active"].add_metric([name], t["active_sessions"])
+    failed = t["failed"]
+    for outcome, value in (
+        ("committed", t["committed"]),
+        ("rolled_back", t["rolled_back"] - failed),
+        ("failed", failed),
+    ):
+        families["transactions"].add_metric([name, outcome], value, created)
+    families["duration"].add_metric([name], list(_cumulative(t["buckets"])), t["dur_sum"])
+    families["slow"].add_metric([name], t["slow"], created)
+    for error, value in sorted(t["retry_errors"].items()):
+        families["retries"].add_metric([name, error], value, created)
+    savepoint_rollbacks = t["savepoint_rollbacks"]
+    families["savepoints"].add_metric(
+        [name, "released"], t["savepoints"] - savepoint_rollbacks, created
+    )
+    families["savepoints"].add_metric([name, "rolled_back"], savepoint_rollbacks, created)
+    families["cancellations"].add_metric([name], t["cancellations"], created)
+    families["long_held"].add_metric([name], t["long_held"], created)
+    families["pool_timeouts"].add_metric([name], t["pool_timeouts"], created)
+    for function, (calls, failures, total) in sorted(t["functions"].items()):
+        families["function_duration"].add_metric([name, function], calls, total)
+        families["function_failures"].add_metric([name, function], failures, created)
+    for role, figures in manager.pool_status().items():
+        for key, _, _ in _POOL_GAUGES:
+            value = figures.get(key)
+            if isinstance(value, (int, float)):
+                families[f"pool_{key}"].add_metric([name, role], value)
+
+
+def _cumulative(buckets: list[int]) -> Iterator[tuple[str, float]]:
+    running = 0
+    for bound, count in zip((*DURATION_BUCKETS, None), buckets, strict=True):
+        running += count
+        yield ("+Inf" if bound is None else repr(bound)), running
+
+
+def register(
+    *managers: SessionManager, registry: CollectorRegistry = REGISTRY
+) -> SessionScopeCollector:
+    """Register a :class:`SessionScopeCollector` for ``managers`` (none: the default
+    manager) on ``registry`` and return it (``registry.unregister(collector)``
+    removes it). One collector per registry: to export another manager later,
+    call ``collector.add(manager)``."""
+    collector = SessionScopeCollector(*managers)
+    registry.register(collector)
+    return collector
