@@ -1,36 +1,23 @@
-"""Command line: ``sessionscope demo`` (also ``python -m sessionscope demo``)."""
+"""Command line: ``sessionscope demo`` and ``sessionscope stats`` (also
+``python -m sessionscope ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from ._backend import safe_url
 from ._manager import SessionManager
+from ._report import format_stats
+from ._retry import describe
 
 __all__ = ["main"]
-
-
-def _format_stats(stats: dict[str, Any]) -> str:
-    rows = [
-        ("sessions opened", f"{stats['session_count']}"),
-        ("active sessions", f"{stats['active_sessions']}"),
-        ("transactions", f"{stats['total_transactions']}"),
-        ("  committed", f"{stats['committed_transactions']}"),
-        ("  rolled back", f"{stats['rolled_back_transactions']}"),
-        ("  failed", f"{stats['failed_transactions']}"),
-        ("success rate", f"{stats['success_rate']:.1f} %"),
-        ("savepoints (rolled back)", f"{stats['savepoints']} ({stats['savepoint_rollbacks']})"),
-        ("retries", f"{stats['retries']}"),
-        ("duration avg / p95 / max", "{:.2f} / {:.2f} / {:.2f} ms".format(
-            stats["avg_duration"] * 1000, stats["p95_duration"] * 1000,
-            stats["max_duration"] * 1000)),
-    ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,9 +27,38 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"sessionscope demo on {safe_url(manager.url)}\n")
     counts = run_demo(manager)
     print(f"\nfinal: {counts['users']} users, {counts['profiles']} profiles\n")
-    print("statistics")
-    print(_format_stats(manager.get_stats()))
+    print(format_stats(manager.get_stats(), title="statistics"))
     manager.dispose()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    # Statistics live in the process that runs the scopes: this one runs probe
+    # transactions, so the figures show the database's latency and pool as this
+    # machine sees them. A running application exports its own (prometheus, otel).
+    manager = SessionManager(args.url)
+    try:
+        for _ in range(args.probes):
+            with manager.session_scope(read_only=True) as session:
+                session.execute(text("SELECT 1"))
+        stats = manager.get_stats()
+    except SQLAlchemyError as err:
+        print(
+            f"sessionscope stats: cannot query {safe_url(manager.url)}: {describe(err)}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        manager.dispose()
+    if args.json:
+        print(json.dumps({"url": safe_url(manager.url), **stats}, indent=2, sort_keys=True))
+    else:
+        print(
+            format_stats(
+                stats,
+                title=f"sessionscope stats on {safe_url(manager.url)} ({args.probes} probes)",
+            )
+        )
     return 0
 
 
@@ -58,6 +74,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="database URL (default: DATABASE_URL, else the SQLite file sessionscope.db)",
     )
     demo.set_defaults(handler=_demo)
+    stats = commands.add_parser(
+        "stats",
+        help="run probe transactions and show statistics and pool status",
+        description="Open --probes read-only scopes running SELECT 1 and show the "
+        "statistics of this process (durations = the database's round trip) and the "
+        "pool status. A running application's own figures: get_session_stats(), or "
+        "the Prometheus / OpenTelemetry exporters.",
+    )
+    stats.add_argument(
+        "--url", default=None,
+        help="database URL (default: DATABASE_URL, else the SQLite file sessionscope.db)",
+    )
+    stats.add_argument(
+        "--probes", type=int, default=10, help="probe transactions to run (default 10)"
+    )
+    stats.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    stats.set_defaults(handler=_stats)
     args = parser.parse_args(argv)
     # The library logs warnings (rollbacks, retries) through "sessionscope";
     # show them on stderr, formatted, instead of Python's bare last-resort output.
