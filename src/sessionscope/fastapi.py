@@ -15,10 +15,10 @@ How a request's scope behaves:
 - It is opened when the path function needs it and ends right after the path
   function returns (FastAPI's ``Depends(..., scope="function")``): COMMIT, or
   ROLLBACK if the path function raised (an ``HTTPException`` too), then the
-  connection goes back to the pool. The response has been built by then, so
-  lazy loads during serialization still work, but it has not been sent: a failed
-  COMMIT reaches FastAPI's error handling and the client gets a 5xx (or what an
-  exception handler you registered for the error returns), never a 2xx.
+  connection goes back to the pool. The response has been built (serialized
+  while the session was still open) but not sent: a failed COMMIT reaches
+  FastAPI's error handling and the client gets a 5xx (or what an exception
+  handler you registered for the error returns), never a 2xx.
   This holds with plain ``Depends(get_db)`` too: ``get_db`` is a plain coroutine
   whose own dependency carries ``scope="function"``.
 - Decorated functions (``@async_with_session``) called during the request join
