@@ -337,3 +337,11 @@ def test_manager_instances_are_independent(tmp_path: Path) -> None:
     assert a.get_stats()["session_count"] == 2 and b.get_stats()["session_count"] == 2
     a.dispose()
     b.dispose()
+
+
+def test_root_get_db_is_the_fastapi_dependency() -> None:
+    """``from sessionscope import get_db`` is the dependency that commits before the
+    response is sent (tested in test_fastapi.py), imported only when asked for."""
+    import sessionscope.fastapi
+
+    assert sessionscope.get_db is sessionscope.fastapi.get_db

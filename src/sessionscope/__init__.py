@@ -15,12 +15,13 @@ Quick start::
         return user
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._api import (
     async_session_scope,
     async_with_retry,
     async_with_session,
     configure_session,
-    get_db,
     get_default_manager,
     get_session_stats,
     on_commit,
@@ -46,6 +47,20 @@ from ._manager import SessionManager
 from ._retry import error_code, is_transient
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .fastapi import get_db
+
+
+def __getattr__(name: str) -> Any:
+    # ``get_db`` is the FastAPI dependency of sessionscope.fastapi, imported on
+    # first use so that ``import sessionscope`` never imports FastAPI.
+    if name == "get_db":
+        from .fastapi import get_db
+
+        globals()["get_db"] = get_db
+        return get_db
+    raise AttributeError(f"module 'sessionscope' has no attribute {name!r}")
 
 __all__ = [
     "ActiveScopeError",

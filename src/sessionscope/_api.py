@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _core
 from ._async import AsyncScope, decorate_async
@@ -22,7 +21,6 @@ __all__ = [
     "async_with_retry",
     "async_with_session",
     "configure_session",
-    "get_db",
     "get_default_manager",
     "get_session_stats",
     "on_commit",
@@ -194,17 +192,6 @@ def reset_session_stats() -> None:
     """Zero the default manager's counters (the ``active_sessions`` gauge is kept)."""
     if _default is not None:
         _default.reset_stats()
-
-
-async def get_db() -> AsyncIterator[AsyncSession]:
-    """FastAPI dependency: ``db: AsyncSession = Depends(get_db)``.
-
-    One async scope per request on the default manager: commit when the endpoint
-    returns, rollback when it raises; decorated service functions called inside
-    the request join its session.
-    """
-    async with get_default_manager().async_session_scope() as session:
-        yield session
 
 
 def on_commit(callback: Callable[[], Any]) -> None:
