@@ -208,8 +208,9 @@ def new_frame(
             if cfg.long_session_warning is None:
                 stats.session_opened()
             else:
-                threshold = cfg.long_session_warning
-                stats.session_opened_watched(id(frame), _watch.held(started, threshold, function))
+                stats.session_opened_watched(
+                    id(frame), started, cfg.long_session_warning, _watch.where(function)
+                )
                 if started >= stats.next_deadline:
                     _watch.warn_overdue(stats, started)
         if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:

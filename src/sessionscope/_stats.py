@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["DURATION_BUCKETS", "Held", "Stats", "TransactionListener"]
+__all__ = ["DURATION_BUCKETS", "Stats", "TransactionListener"]
 
 DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 """Upper bounds (seconds, inclusive) of the transaction duration histogram: the
@@ -51,22 +51,6 @@ class _Func:
         self.failures = 0
         self.total = 0.0
         self.max = 0.0  # since the last reset
-
-
-class Held:
-    """A session being watched for the long-held warning.
-
-    ``where`` is the decorated function's name, or ``(code, line)`` of the
-    ``with`` statement that opened it (formatted only if a warning is logged).
-    """
-
-    __slots__ = ("deadline", "started", "threshold", "where")
-
-    def __init__(self, started: float, threshold: float, where: object) -> None:
-        self.started = started
-        self.threshold = threshold
-        self.deadline = started + threshold
-        self.where = where
 
 
 _COUNTERS: Final = (
@@ -119,7 +103,7 @@ class Stats:
         self.functions: dict[str, _Func] = {}
         self.retry_errors: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
-        self._held: dict[int, Held] = {}
+        self._held: dict[int, tuple[float, float, float, object]] = {}
         self.next_deadline = math.inf
         """Earliest deadline of a watched session; read without the lock as a
         cheap "is a long-held check due?" test (a stale value only causes one
@@ -133,15 +117,20 @@ class Stats:
             self.session_count += 1
             self.active_sessions += 1
 
-    def session_opened_watched(self, key: int, held: Held) -> None:
+    def session_opened_watched(
+        self, key: int, started: float, threshold: float, where: object
+    ) -> None:
         """:meth:`session_opened` for a session watched for the long-held
-        warning; ``key`` identifies it until :meth:`transaction_ended`."""
+        warning: ``key`` identifies it until :meth:`transaction_ended`, ``where``
+        is returned by :meth:`overdue` (opaque here)."""
+        deadline = started + threshold
         with self._lock:
             self.session_count += 1
             self.active_sessions += 1
-            self._held[key] = held
-            if held.deadline < self.next_deadline:
-                self.next_deadline = held.deadline
+            # A tuple, not an object: this runs for every session by default.
+            self._held[key] = (deadline, started, threshold, where)
+            if deadline < self.next_deadline:
+                self.next_deadline = deadline
 
     def transaction_ended(
         self,
@@ -221,18 +210,18 @@ class Stats:
         with self._lock:
             self.pool_timeouts += 1
 
-    def overdue(self, now: float) -> list[tuple[float, Held]]:
+    def overdue(self, now: float) -> list[tuple[float, float, object]]:
         """Watched sessions open past their threshold at ``now``, as
-        ``(age, held)``; each is returned once, then no longer watched."""
+        ``(age, threshold, where)``; each is returned once, then no longer watched."""
         with self._lock:
-            found: list[tuple[float, Held]] = []
+            found: list[tuple[float, float, object]] = []
             earliest = math.inf
-            for key, held in list(self._held.items()):
-                if held.deadline <= now:
+            for key, (deadline, started, threshold, where) in list(self._held.items()):
+                if deadline <= now:
                     del self._held[key]
-                    found.append((now - held.started, held))
-                elif held.deadline < earliest:
-                    earliest = held.deadline
+                    found.append((now - started, threshold, where))
+                elif deadline < earliest:
+                    earliest = deadline
             self.next_deadline = earliest
             self.long_held += len(found)
             return found

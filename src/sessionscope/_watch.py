@@ -15,8 +15,8 @@ completely idle is reported at the next activity.
 
 Where: for a decorated function its qualified name (free, known at decoration
 time); for a ``with`` block the file, line and function of the statement,
-found by walking ``sys._getframe`` past this package's own frames (two or three
-steps, done only when the warning is enabled).
+found by ``sys._getframe`` (walking past this package's own frames only for
+framework entry points such as ``get_db``), done only when the warning is enabled.
 """
 
 from __future__ import annotations
@@ -27,32 +27,31 @@ import sys
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING
 
-from ._stats import Held
-
 if TYPE_CHECKING:
     from ._stats import Stats
 
-__all__ = ["describe", "held", "warn_overdue"]
+__all__ = ["describe", "warn_overdue", "where"]
 
 logger = logging.getLogger("sessionscope")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def held(started: float, threshold: float, function: str | None) -> Held:
-    """A watch record for a session opened now by ``function`` (or by the
-    nearest caller outside this package when ``function`` is None)."""
+def where(function: str | None) -> object:
+    """Where a session is being opened: ``function`` (a decorated function's
+    name) if given, else ``(code, line)`` of the nearest caller outside this
+    package. Called by the core's ``new_frame`` from a front's ``__enter__`` /
+    ``__aenter__``, so the search starts three frames up."""
     if function is not None:
-        return Held(started, threshold, function)
+        return function
     frame: FrameType | None
     try:
-        frame = sys._getframe(2)
+        frame = sys._getframe(3)
     except ValueError:  # pragma: no cover - called from a very shallow stack
-        return Held(started, threshold, None)
+        return None
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
-    where = (frame.f_code, frame.f_lineno) if frame is not None else None
-    return Held(started, threshold, where)
+    return None if frame is None else (frame.f_code, frame.f_lineno)
 
 
 def describe(where: object) -> str:
@@ -67,11 +66,11 @@ def describe(where: object) -> str:
 
 def warn_overdue(stats: Stats, now: float) -> None:
     """Log, once each, the sessions of ``stats`` open past their threshold."""
-    for age, record in stats.overdue(now):
+    for age, threshold, opened_at in stats.overdue(now):
         logger.warning(
             "long-held session: open for %.1f s (long_session_warning %.1f s), opened at %s; "
             "a session keeps its pooled connection until it closes",
             age,
-            record.threshold,
-            describe(record.where),
+            threshold,
+            describe(opened_at),
         )
