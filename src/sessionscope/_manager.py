@@ -3,10 +3,11 @@ database; the module-level API acts on a default instance."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -26,6 +27,7 @@ from ._async import AsyncScope, acall_with_retry, decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
+from ._routing import Router
 from ._stats import Stats
 from ._sync import SyncScope, call_with_retry, decorate_sync
 
@@ -50,6 +52,16 @@ class SessionManager:
 
     Engines are created on first use, so constructing a manager never connects
     and never imports a driver that is not used.
+
+    Read replicas: ``replicas=[url_or_engine, ...]`` (and ``async_replicas=``,
+    paired by position, derived from ``replicas`` when left out) send scopes that
+    open a new session with ``read_only=True`` to a replica, picked by
+    ``replica_selection`` (``"round_robin"`` or ``"random"``); everything else stays
+    on the primary. For ``read_your_writes`` seconds after the current thread or
+    task committed on the primary, its reads go to the primary too (0 disables
+    it). A replica that fails to connect is left out for ``replica_cooldown``
+    seconds and the read moves to the next replica, then to the primary. See
+    ``docs/replicas.md``.
     """
 
     def __init__(
@@ -64,6 +76,11 @@ class SessionManager:
         async_session_class: type[AsyncSession] | None = None,
         session_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        replicas: Sequence[str | URL | Engine] | None = None,
+        async_replicas: Sequence[str | URL | AsyncEngine] | None = None,
+        replica_selection: str = "round_robin",
+        read_your_writes: float = 2.0,
+        replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
         if url is not None and engine is not None:
@@ -102,6 +119,17 @@ class SessionManager:
             _backend.apply_sqlite_savepoint_recipe(engine)
         if async_engine is not None:
             _backend.apply_sqlite_savepoint_recipe(async_engine.sync_engine)
+        self._router: Router | None = None
+        if replicas is not None or async_replicas is not None:
+            self._router = Router(
+                self,
+                replicas,
+                async_replicas,
+                selection=replica_selection,
+                read_your_writes=read_your_writes,
+                cooldown=replica_cooldown,
+                engine_options=self._engine_options,
+            )
 
     def __repr__(self) -> str:
         return f"SessionManager({self.name!r})"
@@ -187,6 +215,8 @@ class SessionManager:
             and cfg.expire_on_commit is self._session_options["expire_on_commit"]
         ):
             session = self.session_factory()
+        elif cfg.read_only and self._router is not None and False not in self._bound:
+            session = self._router.open_sync(cfg)
         else:
             session = self._open_with_options(cfg, self.session_factory, self.engine, False)
         return session, session
@@ -199,6 +229,8 @@ class SessionManager:
             and cfg.expire_on_commit is self._session_options["expire_on_commit"]
         ):
             front = self.async_session_factory()
+        elif cfg.read_only and self._router is not None and True not in self._bound:
+            front = self._router.open_async(cfg)
         else:
             front = self._open_with_options(
                 cfg, self.async_session_factory, self.async_engine, True
@@ -215,8 +247,22 @@ class SessionManager:
             if cfg.read_only:
                 _backend.guard_read_only(session.sync_session if is_async else session)
             return session
+        kw = self._options_kw(cfg, engine, is_async)
+        statements = kw["_statements"]
+        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
+        sync_session = session.sync_session if is_async else session
+        if statements:
+            _backend.install_begin_statements(sync_session, statements)
+        if cfg.read_only:
+            _backend.guard_read_only(sync_session)
+        return session
+
+    def _options_kw(self, cfg: SessionConfig, engine: Any, is_async: bool) -> dict[str, Any]:
+        """Session keywords for a scope's settings on ``engine`` (cached): ``bind``
+        (an option engine, when the settings need one) and ``_statements``."""
         sync_engine: Engine = engine.sync_engine if is_async else engine
         cache_key = (
+            sync_engine,
             is_async,
             cfg.isolation_level,
             cfg.read_only,
@@ -241,14 +287,7 @@ class SessionManager:
             kw["_statements"] = statements
             if len(self._session_kw) < _CACHE_LIMIT:
                 self._session_kw[cache_key] = kw
-        statements = kw["_statements"]
-        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
-        sync_session = session.sync_session if is_async else session
-        if statements:
-            _backend.install_begin_statements(sync_session, statements)
-        if cfg.read_only:
-            _backend.guard_read_only(sync_session)
-        return session
+        return kw
 
     # -- configuration ---------------------------------------------------------
 
@@ -367,19 +406,24 @@ class SessionManager:
             return cfg.merged({"retry_attempts": 0})
         return cfg
 
-    async def get_db(self) -> AsyncIterator[AsyncSession]:
-        """FastAPI dependency (``Depends(manager.get_db)``): one async scope per request.
+    @functools.cached_property
+    def get_db(self) -> Callable[..., Awaitable[AsyncSession]]:
+        """FastAPI dependency of this manager: ``db: AsyncSession = Depends(manager.get_db)``.
 
-        Commits when the endpoint returns, rolls back when it raises; decorated
-        functions called with (or inside) it join its session.
+        One async scope per request, committed after the path function returns and
+        before the response is sent (see :mod:`sessionscope.fastapi`). The same
+        callable every time, so FastAPI resolves it once per request. Needs FastAPI.
         """
-        async with self.async_session_scope() as session:
-            yield session
+        from .fastapi import session_dependency
 
-    def get_sync_db(self) -> Iterator[Session]:
-        """Sync twin of :meth:`get_db` for sync path functions."""
-        with self.session_scope() as session:
-            yield session
+        return session_dependency(self)
+
+    @functools.cached_property
+    def get_sync_db(self) -> Callable[..., Awaitable[Session]]:
+        """Sync twin of :attr:`get_db`, for ``def`` path functions. Needs FastAPI."""
+        from .fastapi import sync_session_dependency
+
+        return sync_session_dependency(self)
 
     @contextmanager
     def bound_to(self, connection: Connection | AsyncConnection) -> Iterator[None]:
@@ -451,6 +495,8 @@ class SessionManager:
             engines["sync"] = self._engine
         if self._async_engine is not None:
             engines["async"] = self._async_engine.sync_engine
+        if self._router is not None:
+            engines.update(self._router.engines_by_role())
         return engines
 
     def pool_status(self) -> dict[str, Any]:
@@ -466,11 +512,23 @@ class SessionManager:
         """Statistics of this manager, with its pool status under ``"pool"``."""
         snapshot = self.stats.snapshot()
         snapshot["pool"] = self.pool_status()
+        if self._router is not None:
+            snapshot["routing"] = self._router.snapshot(snapshot["pool"])
         return snapshot
 
     def reset_stats(self) -> None:
         """Zero the counters (the live ``active_sessions`` gauge is kept)."""
         self.stats.reset()
+        if self._router is not None:
+            self._router.reset()
+
+    def mark_written(self) -> None:
+        """Treat the current thread or task as having just written: its read-only
+        scopes read from the primary for the ``read_your_writes`` window. For writes
+        sessionscope cannot see (another service, an earlier request of the same
+        user). Does nothing without replicas or with a window of 0."""
+        if self._router is not None and self._router.read_your_writes > 0:
+            self._router.mark_written()
 
     def _pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
         self.stats.pool_timed_out()
@@ -494,9 +552,13 @@ class SessionManager:
         :meth:`adispose`)."""
         if self._engine is not None:
             self._engine.dispose()
+        if self._router is not None:
+            self._router.dispose()
 
     async def adispose(self) -> None:
-        """Close the pooled connections of both engines."""
+        """Close the pooled connections of both engines (and of the replicas)."""
         if self._async_engine is not None:
             await self._async_engine.dispose()
+        if self._router is not None:
+            await self._router.adispose()
         self.dispose()

@@ -1,0 +1,545 @@
+"""Read routing: read replicas, replica selection and health, read-your-writes.
+
+A :class:`Router` belongs to one :class:`~sessionscope.SessionManager` built with
+``replicas=``. The manager asks it for a session only when a scope opens a *new*
+session with ``read_only=True``; every other session (writes, and read-only scopes
+that join or nest in an enclosing scope) is the manager's own, on the primary.
+
+Rules, in order, for a new read-only session:
+
+1. Read-your-writes: if the current context committed on the primary less than
+   ``read_your_writes`` seconds ago, read from the primary. The context is the
+   one of :mod:`contextvars`: a thread, or an asyncio task (a task starts with a
+   copy of its creator's context, so a commit made inside a task is not seen by
+   the code that created it, while a task created after a commit inherits it).
+2. Otherwise pick a replica (``"round_robin"`` or ``"random"``) among those not in
+   cool-down; with none left, read from the primary.
+3. The session connects lazily, at its first statement. If that connection to
+   the replica fails, the replica goes into cool-down for ``cooldown`` seconds
+   and the same session is re-pointed, before any statement ran, to the next
+   healthy replica, then to the primary.
+
+A session routed to a replica is a read-only session: the ORM guard refuses
+writes before they are sent, and the server (a hot standby, or a
+``READ ONLY`` transaction) refuses any raw SQL write. A read-only session on
+the primary carries an execution option that keeps its COMMIT from counting as
+a write, so reads never extend the read-your-writes window.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.engine.interfaces import ExceptionContext
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+
+from . import _backend
+
+if TYPE_CHECKING:
+    from ._config import SessionConfig
+    from ._manager import SessionManager
+
+__all__ = ["SELECTIONS", "Router", "validate_routing"]
+
+SELECTIONS: Final = frozenset({"round_robin", "random"})
+
+# Execution option carried by read-only sessions on the primary: their COMMIT is
+# not a write, so it must not start the read-your-writes window (else reads in the
+# window would keep extending it, and never go back to the replicas).
+READ_MARK: Final = "sessionscope_routed_read"
+_ROUTE: Final = "sessionscope_route"
+
+logger = logging.getLogger("sessionscope")
+
+
+def validate_routing(
+    replicas: Sequence[str | URL | Engine] | None,
+    async_replicas: Sequence[str | URL | AsyncEngine] | None,
+    selection: str,
+    read_your_writes: float,
+    cooldown: float,
+) -> None:
+    """Raise ``TypeError`` / ``ValueError`` for invalid routing options."""
+    for name, value in (("replicas", replicas), ("async_replicas", async_replicas)):
+        if value is not None and (isinstance(value, (str, URL)) or not isinstance(value, Sequence)):
+            raise TypeError(
+                f"{name}= takes a list of URLs or engines, got {type(value).__name__}; "
+                f"write {name}=[url] for a single replica"
+            )
+    # Checked at run time whatever the annotations say: configuration often
+    # comes from settings files.
+    sync_items: Sequence[object] = replicas or ()
+    async_items: Sequence[object] = async_replicas or ()
+    for item in sync_items:
+        if isinstance(item, AsyncEngine):
+            raise TypeError("an AsyncEngine replica belongs in async_replicas=, not replicas=")
+        if not isinstance(item, (str, URL, Engine)):
+            raise TypeError(f"a replica must be a URL or an Engine, got {type(item).__name__}")
+    for item in async_items:
+        if isinstance(item, Engine):
+            raise TypeError("a sync Engine replica belongs in replicas=, not async_replicas=")
+        if not isinstance(item, (str, URL, AsyncEngine)):
+            raise TypeError(
+                f"an async replica must be a URL or an AsyncEngine, got {type(item).__name__}"
+            )
+    if replicas is not None and async_replicas is not None and len(replicas) != len(async_replicas):
+        raise ValueError(
+            f"replicas= has {len(replicas)} entries and async_replicas= {len(async_replicas)}; "
+            "they pair up by position (the same server, sync and async), so give both "
+            "the same length, or give one and let the other be derived"
+        )
+    if selection not in SELECTIONS:
+        raise ValueError(
+            f"unknown replica_selection {selection!r}; use one of {', '.join(sorted(SELECTIONS))}"
+        )
+    for name, seconds in (("read_your_writes", read_your_writes), ("replica_cooldown", cooldown)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"{name} must be a number of seconds, got {seconds!r}")
+        if seconds < 0 or math.isnan(seconds):
+            raise ValueError(f"{name} must be >= 0 seconds (0 disables it), got {seconds}")
+
+
+class _Replica:
+    """One replica server: its engines (created on first use), health and figures."""
+
+    __slots__ = (
+        "async_engine",
+        "async_factory",
+        "async_url",
+        "down_until",
+        "engine",
+        "factory",
+        "failures",
+        "name",
+        "reads",
+        "suspect",
+        "url",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        sync: str | URL | Engine | None,
+        async_: str | URL | AsyncEngine | None,
+    ) -> None:
+        self.name = name
+        self.engine: Engine | None = sync if isinstance(sync, Engine) else None
+        self.async_engine: AsyncEngine | None = async_ if isinstance(async_, AsyncEngine) else None
+        if isinstance(sync, Engine):
+            self.url = sync.url
+        elif sync is not None:
+            self.url = make_url(sync)
+        else:
+            assert async_ is not None
+            self.url = _backend.sync_url_for(
+                async_.url if isinstance(async_, AsyncEngine) else async_
+            )
+        if isinstance(async_, AsyncEngine):
+            self.async_url = async_.url
+        elif async_ is not None:
+            self.async_url = make_url(async_)
+        else:
+            self.async_url = _backend.async_url_for(self.url)
+        self.factory: sessionmaker[Session] | None = None
+        self.async_factory: async_sessionmaker[AsyncSession] | None = None
+        self.down_until = -math.inf
+        self.suspect = False  # failed before: log when it serves again
+        self.failures = 0
+        self.reads = 0
+
+
+class _Route:
+    """Routing state of one replica-bound session, until it has connected."""
+
+    __slots__ = ("cfg", "front", "is_async", "replica", "tried")
+
+    def __init__(
+        self, replica: _Replica, cfg: SessionConfig, is_async: bool, front: AsyncSession | None
+    ) -> None:
+        self.replica: _Replica | None = replica
+        self.cfg = cfg
+        self.is_async = is_async
+        self.front = front
+        self.tried: list[_Replica] = [replica]
+
+
+class Router:
+    """Routes the read-only sessions of one manager; see the module docstring.
+
+    Thread- and task-safe: health is a timestamp per replica, counters are
+    updated under a lock held for a few increments.
+    """
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        replicas: Sequence[str | URL | Engine] | None,
+        async_replicas: Sequence[str | URL | AsyncEngine] | None,
+        *,
+        selection: str,
+        read_your_writes: float,
+        cooldown: float,
+        engine_options: dict[str, Any],
+    ) -> None:
+        validate_routing(replicas, async_replicas, selection, read_your_writes, cooldown)
+        count = len(replicas if replicas is not None else async_replicas or ())
+        if count == 0:
+            raise ValueError(
+                "replicas= is empty; give at least one replica URL or engine, or leave "
+                "replicas= out to read from the primary"
+            )
+        backend = manager.url.get_backend_name()
+        self._replicas: list[_Replica] = []
+        for i in range(count):
+            replica = _Replica(
+                f"replica{i + 1}",
+                replicas[i] if replicas is not None else None,
+                async_replicas[i] if async_replicas is not None else None,
+            )
+            if replica.url.get_backend_name() != backend:
+                raise ValueError(
+                    f"{replica.name} is a {replica.url.get_backend_name()!r} database but the "
+                    f"primary is {backend!r}; replicas must be copies of the primary"
+                )
+            for engine in (replica.engine, replica.async_engine):
+                if engine is not None:
+                    self._watch_replica(replica, engine)
+            self._replicas.append(replica)
+        self._manager = manager
+        self.selection = selection
+        self.read_your_writes = float(read_your_writes)
+        self.cooldown = float(cooldown)
+        self._engine_options = engine_options
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self._last_write: ContextVar[float] = ContextVar(
+            f"sessionscope_last_write_{id(self):x}", default=-math.inf
+        )
+        self._primary_read: dict[bool, tuple[Any, Any]] = {}  # is_async -> (factory, engine)
+        self._routed: dict[type[Session], type[Session]] = {}
+        self._zero()
+        if self.read_your_writes > 0:
+            for primary in (manager._engine, manager._async_engine):
+                if primary is not None:
+                    self._watch_primary(primary)
+            manager._engine_hooks.append(self._on_engine_created)
+
+    def _zero(self) -> None:
+        self.reads = 0
+        self.primary_reads = 0
+        self.fallbacks = 0
+        self.primary_because: dict[str, int] = {
+            "read_your_writes": 0,
+            "no_replica_available": 0,
+            "fallback": 0,
+        }
+        for replica in self._replicas:
+            replica.reads = 0
+            replica.failures = 0
+
+    # -- engines -----------------------------------------------------------------
+
+    def _on_engine_created(self, role: str, engine: Engine) -> None:
+        if role in ("sync", "async"):
+            self._watch_primary(engine)
+
+    def _watch_primary(self, engine: Engine | AsyncEngine) -> None:
+        # Every COMMIT on the primary starts the window, including those of code
+        # that uses the engine directly: that code wrote too.
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        event.listen(sync_engine, "commit", self._on_primary_commit)
+
+    def _on_primary_commit(self, conn: Connection) -> None:
+        if not conn.get_execution_options().get(READ_MARK):
+            self._last_write.set(time.monotonic())
+
+    def mark_written(self) -> None:
+        """Start the read-your-writes window now in the current context."""
+        self._last_write.set(time.monotonic())
+
+    def _watch_replica(self, replica: _Replica, engine: Engine | AsyncEngine) -> None:
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        _backend.apply_sqlite_savepoint_recipe(sync_engine)
+
+        def _on_error(ctx: ExceptionContext) -> None:
+            # A failure with no connection is a failed connect (a pre-ping failure
+            # is followed by a reconnect, judged on its own).
+            if ctx.connection is None and not ctx.is_pre_ping:
+                self._mark_down(replica, ctx.original_exception)
+
+        event.listen(sync_engine, "handle_error", _on_error)
+
+    def _engine(self, replica: _Replica, is_async: bool) -> Any:
+        engine: Engine | AsyncEngine | None = replica.async_engine if is_async else replica.engine
+        if engine is None:
+            with self._lock:
+                engine = replica.async_engine if is_async else replica.engine
+                if engine is None:
+                    if is_async:
+                        engine = create_async_engine(replica.async_url, **self._engine_options)
+                        replica.async_engine = engine
+                        self._watch_replica(replica, engine)
+                        self._manager._engine_created(f"{replica.name}_async", engine.sync_engine)
+                    else:
+                        engine = create_engine(replica.url, **self._engine_options)
+                        replica.engine = engine
+                        self._watch_replica(replica, engine)
+                        self._manager._engine_created(replica.name, engine)
+        return engine
+
+    def _factory(self, replica: _Replica, is_async: bool) -> Any:
+        factory: Any = replica.async_factory if is_async else replica.factory
+        if factory is None:
+            engine = self._engine(replica, is_async)
+            kw = self._manager._factory_kw(is_async)
+            if is_async:
+                front_class = kw.get("class_", AsyncSession)
+                base = kw.get("sync_session_class", front_class.sync_session_class)
+                kw["sync_session_class"] = self._routed_class(base)
+                factory = replica.async_factory = async_sessionmaker(engine, **kw)
+            else:
+                kw["class_"] = self._routed_class(kw.get("class_", Session))
+                factory = replica.factory = sessionmaker(engine, **kw)
+        return factory
+
+    def _routed_class(self, base: type[Session]) -> type[Session]:
+        """A subclass of the session class carrying the first-statement hook: one
+        class-level listener costs nothing per session (listening on each new
+        session would cost more than the rest of the routing)."""
+        routed = self._routed.get(base)
+        if routed is None:
+            routed = type(base.__name__, (base,), {"__module__": base.__module__})
+            event.listen(routed, "do_orm_execute", self._on_execute)
+            self._routed[base] = routed
+        return routed
+
+    def _primary(self, is_async: bool) -> tuple[Any, Any]:
+        """(factory, engine) for reads on the primary: the manager's engine with
+        :data:`READ_MARK` set (it shares the primary's pool)."""
+        pair = self._primary_read.get(is_async)
+        if pair is None:
+            manager = self._manager
+            base: Any = manager.async_engine if is_async else manager.engine
+            engine = base.execution_options(**{READ_MARK: True})
+            kw = manager._factory_kw(is_async)
+            factory = async_sessionmaker(engine, **kw) if is_async else sessionmaker(engine, **kw)
+            pair = self._primary_read[is_async] = (factory, engine)
+        return pair
+
+    # -- routing -----------------------------------------------------------------
+
+    def open_sync(self, cfg: SessionConfig) -> Session:
+        """A new read-only ``Session``, bound to the replica or primary chosen."""
+        session: Session = self._open(cfg, False)
+        return session
+
+    def open_async(self, cfg: SessionConfig) -> AsyncSession:
+        """A new read-only ``AsyncSession``, bound to the replica or primary chosen."""
+        session: AsyncSession = self._open(cfg, True)
+        return session
+
+    def _open(self, cfg: SessionConfig, is_async: bool) -> Any:
+        count = cfg.enable_monitoring
+        replica: _Replica | None = None
+        if self.read_your_writes > 0 and (
+            time.monotonic() - self._last_write.get() < self.read_your_writes
+        ):
+            reason = "read_your_writes"
+        else:
+            replica = self._pick(())
+            reason = "no_replica_available"
+        if replica is None:
+            if count:
+                with self._lock:
+                    self.reads += 1
+                    self.primary_reads += 1
+                    self.primary_because[reason] += 1
+            factory, engine = self._primary(is_async)
+            return self._manager._open_with_options(cfg, factory, engine, is_async)
+        if count:
+            with self._lock:
+                self.reads += 1
+                replica.reads += 1
+        session = self._manager._open_with_options(
+            cfg, self._factory(replica, is_async), self._engine(replica, is_async), is_async
+        )
+        sync_session: Session = session.sync_session if is_async else session
+        sync_session.info[_ROUTE] = _Route(replica, cfg, is_async, session if is_async else None)
+        return session
+
+    def _pick(self, exclude: Sequence[_Replica], after: _Replica | None = None) -> _Replica | None:
+        """The next healthy replica not in ``exclude``, or None: by the selection
+        rule, or (a fallback) the ones following ``after`` in order, which leaves
+        the round-robin sequence of the other reads undisturbed."""
+        replicas = self._replicas
+        n = len(replicas)
+        if after is not None:
+            start = replicas.index(after) + 1
+        elif self.selection == "round_robin":
+            start = next(self._rr)
+        else:
+            start = random.randrange(n)
+        now = time.monotonic()
+        for i in range(n):
+            replica = replicas[(start + i) % n]
+            if replica.down_until <= now and replica not in exclude:
+                return replica
+        return None
+
+    def _on_execute(self, state: ORMExecuteState) -> None:
+        # The session's first statement: connect now, so that a replica that
+        # cannot be reached is replaced before anything ran on it.
+        session = state.session
+        route: _Route | None = session.info.get(_ROUTE)
+        if route is None:
+            return
+        while route.replica is not None:
+            replica = route.replica
+            try:
+                session.connection()
+            except (sa_exc.DBAPIError, OSError) as err:
+                if not isinstance(err, sa_exc.DBAPIError):
+                    # A driver error SQLAlchemy does not wrap (asyncpg raises
+                    # OSError) bypasses the engine's handle_error hook.
+                    self._mark_down(replica, err)
+                # Nothing ran yet; this ends the empty transaction (and drops a
+                # connection that failed after it was made) before re-pointing.
+                session.rollback()
+                self._reroute(session, route)
+                continue
+            if replica.suspect:
+                replica.suspect = False
+                logger.info("%s serves reads again", replica.name)
+            route.replica = None
+        session.info.pop(_ROUTE, None)
+
+    def _reroute(self, session: Session, route: _Route) -> None:
+        old = route.replica
+        assert old is not None
+        nxt = self._pick(route.tried, after=old)
+        is_async = route.is_async
+        if nxt is None:
+            engine = self._primary(is_async)[1]
+            route.replica = None
+        else:
+            engine = self._engine(nxt, is_async)
+            route.tried.append(nxt)
+            route.replica = nxt
+        bind = self._manager._options_kw(route.cfg, engine, is_async).get("bind", engine)
+        if is_async:
+            assert route.front is not None
+            route.front.bind = bind
+            session.bind = bind.sync_engine
+        else:
+            session.bind = bind
+        if route.cfg.enable_monitoring:
+            with self._lock:
+                self.fallbacks += 1
+                old.reads -= 1
+                if nxt is None:
+                    self.primary_reads += 1
+                    self.primary_because["fallback"] += 1
+                else:
+                    nxt.reads += 1
+
+    def _mark_down(self, replica: _Replica, err: BaseException) -> None:
+        """Take ``replica`` out of rotation for the cool-down. Failures of reads
+        already routed to it while it is out do not count again."""
+        now = time.monotonic()
+        with self._lock:
+            if replica.down_until > now:
+                return
+            replica.down_until = now + self.cooldown
+            replica.failures += 1
+            replica.suspect = True
+        if self._manager.config.log_levelno <= logging.WARNING:
+            logger.warning(
+                "%s (%s) failed to connect (%s); it is out of rotation for %.1f s and "
+                "reads go to the other replicas, then the primary",
+                replica.name,
+                _backend.safe_url(replica.url),
+                type(err).__name__,
+                self.cooldown,
+            )
+
+    # -- monitoring and lifecycle -------------------------------------------------
+
+    def engines_by_role(self) -> dict[str, Engine]:
+        """Replica engines created so far: ``replicaN`` (sync) and
+        ``replicaN_async`` (its ``sync_engine``)."""
+        engines: dict[str, Engine] = {}
+        for replica in self._replicas:
+            if replica.engine is not None:
+                engines[replica.name] = replica.engine
+            if replica.async_engine is not None:
+                engines[f"{replica.name}_async"] = replica.async_engine.sync_engine
+        return engines
+
+    def snapshot(self, pool: dict[str, Any]) -> dict[str, Any]:
+        """Routing figures: reads per engine, fallbacks, health, and each engine's
+        entries of ``pool`` (the manager's pool status by role)."""
+        now = time.monotonic()
+        with self._lock:
+            engines: dict[str, Any] = {
+                "primary": {
+                    "role": "primary",
+                    "url": self._manager.name,
+                    "reads": self.primary_reads,
+                    "pool": {side: pool[side] for side in ("sync", "async") if side in pool},
+                }
+            }
+            for replica in self._replicas:
+                roles = {"sync": replica.name, "async": f"{replica.name}_async"}
+                engines[replica.name] = {
+                    "role": "replica",
+                    "url": _backend.safe_url(replica.url),
+                    "reads": replica.reads,
+                    "healthy": replica.down_until <= now,
+                    "cooldown_remaining": max(0.0, replica.down_until - now),
+                    "connect_failures": replica.failures,
+                    "pool": {side: pool[role] for side, role in roles.items() if role in pool},
+                }
+            return {
+                "selection": self.selection,
+                "read_your_writes": self.read_your_writes,
+                "cooldown": self.cooldown,
+                "reads": self.reads,
+                "fallbacks": self.fallbacks,
+                "primary_because": dict(self.primary_because),
+                "engines": engines,
+            }
+
+    def reset(self) -> None:
+        """Zero the counters (health is state, not a figure: it is kept)."""
+        with self._lock:
+            self._zero()
+
+    def dispose(self) -> None:
+        """Close the pooled connections of the sync replica engines."""
+        for replica in self._replicas:
+            if replica.engine is not None:
+                replica.engine.dispose()
+
+    async def adispose(self) -> None:
+        """Close the pooled connections of every replica engine."""
+        for replica in self._replicas:
+            if replica.async_engine is not None:
+                await replica.async_engine.dispose()
+        self.dispose()
