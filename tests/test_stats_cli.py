@@ -104,6 +104,15 @@ def test_format_stats_renders_any_snapshot() -> None:
     assert "  m.f           1         0   2.500   2.500" in text
     assert "  KeyError        1" in text
     assert "  sync    NullPool     -           -            -         -          -" in text
+    snapshot["routing"] = {
+        "engines": {
+            "primary": {"role": "primary", "reads": 3},
+            "replica1": {"role": "replica", "reads": 7, "healthy": True, "connect_failures": 0},
+        }
+    }
+    routed = format_stats(snapshot)
+    assert "  primary   primary      3        -                 -" in routed
+    assert "  replica1  replica      7     True                 0" in routed
     # A partial or foreign snapshot still renders, with "-" for what is missing.
     assert "sessions opened" in format_stats({})
     assert "(no engine created yet)" in format_stats({})

@@ -19,9 +19,10 @@ _POOL_COLUMNS = (
 
 def format_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statistics") -> str:
     """The snapshot of ``get_session_stats()`` / ``SessionManager.get_stats()`` as
-    aligned text: counters, durations (milliseconds), per-function figures and
-    pool status per engine role. Missing keys show as ``-``, so a snapshot from
-    an older or newer version still renders."""
+    aligned text: counters, durations (milliseconds), per-function figures, read
+    routing per engine (when the manager has replicas) and pool status per engine
+    role. Missing keys show as ``-``, so a snapshot from an older or newer version
+    still renders."""
     lines = [title, "=" * len(title), ""]
     counters = [
         ("sessions opened", stats.get("session_count")),
@@ -63,6 +64,22 @@ def format_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statist
                     _ms(f.get("max_duration")),
                 )
                 for name, f in functions.items()
+            ],
+        )
+    routing = stats.get("routing")
+    if isinstance(routing, Mapping) and routing.get("engines"):
+        lines += ["", "Read routing"]
+        lines += _table(
+            ("engine", "role", "reads", "healthy", "connect failures"),
+            [
+                (
+                    name,
+                    _cell(e.get("role")),
+                    _cell(e.get("reads")),
+                    _cell(e.get("healthy")),
+                    _cell(e.get("connect_failures")),
+                )
+                for name, e in routing["engines"].items()
             ],
         )
     pool = stats.get("pool") or {}
