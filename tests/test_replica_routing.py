@@ -629,3 +629,46 @@ def test_a_bound_manager_reads_on_its_connection(make: Callable[..., SessionMana
             assert read(manager) == "uncommitted"
         conn.rollback()
     assert read(manager) == "replica1"
+
+
+def test_exporters_report_every_replica_pool(make: Callable[..., SessionManager]) -> None:
+    """Replica engines are engine roles: the Prometheus and OpenTelemetry
+    exporters report their pools without knowing about routing."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry
+
+    from sessionscope import otel, prometheus
+
+    manager = make(("replica1", "replica2"), read_your_writes=0, name="shop")
+    registry = CollectorRegistry()
+    prometheus.register(manager, registry=registry)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instrumentation = otel.instrument(manager, meter_provider=provider)
+    try:
+        write(manager)
+        with manager.session_scope(read_only=True) as session:
+            where(session)  # replica1, created after instrumentation
+            roles = {
+                sample.labels["engine"]: sample.value
+                for metric in registry.collect()
+                if metric.name == "sessionscope_pool_checked_out"
+                for sample in metric.samples
+            }
+        assert roles == {"sync": 0, "replica1": 1}
+        read(manager)  # replica2
+        data = reader.get_metrics_data()
+        assert data is not None
+        pools = {
+            point.attributes["db.client.connection.pool.name"]
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "db.client.connection.count"
+            for point in metric.data.data_points
+        }
+        assert pools == {"shop [sync]", "shop [replica1]", "shop [replica2]"}
+    finally:
+        instrumentation.uninstrument()
+        provider.shutdown()
