@@ -35,6 +35,8 @@ __all__ = ["AsyncScope", "acall_with_retry", "decorate_async"]
 
 T = TypeVar("T")
 
+_NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT  # see _core._NEW
+
 
 class AsyncScope:
     """Async context manager yielding an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
@@ -76,7 +78,7 @@ class AsyncScope:
             explicit,
             manager,
         )
-        if frame.action is Action.SAVEPOINT:
+        if frame.action is _SAVEPOINT:
             await frame.front.run_sync(_core.begin_savepoint, frame)
         self._frame = frame
         self._token = _core.stack.set(frame)
@@ -94,7 +96,7 @@ class AsyncScope:
             raise RuntimeError("async session scope exited without being entered")
         _core.stack.reset(self._token)
         self._token = None
-        if frame.action is Action.JOIN:
+        if frame.action is _JOIN:
             _core.exit_frame(frame.session, frame, exc)  # no I/O: marks the owner at most
             return
         if isinstance(exc, asyncio.CancelledError):
@@ -109,7 +111,7 @@ class AsyncScope:
             raise
         except sa_exc.TimeoutError as err:
             raise self._manager._pool_exhausted(err) from err
-        if isinstance(exc, sa_exc.TimeoutError) and frame.action is Action.NEW:
+        if exc is not None and isinstance(exc, sa_exc.TimeoutError) and frame.action is _NEW:
             raise self._manager._pool_exhausted(exc) from exc
         for callback in callbacks:
             try:

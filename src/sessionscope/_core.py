@@ -60,6 +60,10 @@ logger = logging.getLogger("sessionscope")
 
 Callback = Callable[[], Any]
 
+# Reading an enum member through its class is an attribute lookup on every use;
+# the per-scope paths compare against these module constants instead.
+_NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT
+
 stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
 # The context key (thread or task) running a retry loop: decorated functions and
 # with_retry() calls it runs leave retrying to that outer boundary instead of
@@ -127,7 +131,7 @@ class Frame:
         self.stats = stats
         self.function = function
         self.owner: Frame | None = (
-            self if action is not Action.JOIN else (parent.owner if parent is not None else None)
+            self if action is not _JOIN else (parent.owner if parent is not None else None)
         )
         self.savepoint: SessionTransaction | None = None
         self.rollback_only = False
@@ -199,8 +203,11 @@ def new_frame(
     its frame. Opens a ``Session`` object for NEW, which touches no connection.
     The caller pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
     """
-    action = decide(cfg.propagation, outer is not None, cfg.durable)
-    if action is Action.NEW:
+    if outer is None and cfg.propagation != "mandatory":
+        action = _NEW  # what decide() answers for every other propagation here
+    else:
+        action = decide(cfg.propagation, outer is not None, cfg.durable)
+    if action is _NEW:
         session, front = open_session(cfg)
         frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
         frame.started = started = time.perf_counter()
@@ -240,13 +247,13 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> lis
     never shadow the body's exception.
     """
     action = frame.action
-    if action is Action.JOIN:
+    if action is _JOIN:
         if exc is not None and frame.cfg.auto_rollback and frame.owner is not None:
             _mark_rollback_only(frame.owner, exc)
         if frame.function is not None and frame.stats is not None:
             _record_call(frame, exc is not None)
         return []
-    if action is Action.SAVEPOINT:
+    if action is _SAVEPOINT:
         try:
             _exit_savepoint(frame, exc)
         except BaseException:

@@ -324,10 +324,14 @@ class SessionManager:
 
     def session_scope(self, **overrides: Any) -> SyncScope:
         """A context manager yielding a ``Session`` in a transaction scope."""
+        if not overrides:
+            return SyncScope(self, self._config)
         return SyncScope(self, self._resolve(options_key(overrides), overrides))
 
     def async_session_scope(self, **overrides: Any) -> AsyncScope:
         """An async context manager yielding an ``AsyncSession`` in a transaction scope."""
+        if not overrides:
+            return AsyncScope(self, self._config)
         return AsyncScope(self, self._resolve(options_key(overrides), overrides))
 
     @overload

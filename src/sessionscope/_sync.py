@@ -30,6 +30,8 @@ __all__ = ["SyncScope", "call_with_retry", "decorate_sync"]
 
 T = TypeVar("T")
 
+_NEW, _SAVEPOINT = Action.NEW, Action.SAVEPOINT  # see _core._NEW
+
 
 class SyncScope:
     """Context manager yielding a :class:`~sqlalchemy.orm.Session`.
@@ -68,7 +70,7 @@ class SyncScope:
             self._explicit,
             manager,
         )
-        if frame.action is Action.SAVEPOINT:
+        if frame.action is _SAVEPOINT:
             _core.begin_savepoint(frame.session, frame)
         self._frame = frame
         self._token = _core.stack.set(frame)
@@ -89,7 +91,7 @@ class SyncScope:
             callbacks = _core.exit_frame(frame.session, frame, exc)
         except sa_exc.TimeoutError as err:
             raise self._manager._pool_exhausted(err) from err
-        if isinstance(exc, sa_exc.TimeoutError) and frame.action is Action.NEW:
+        if exc is not None and isinstance(exc, sa_exc.TimeoutError) and frame.action is _NEW:
             raise self._manager._pool_exhausted(exc) from exc
         if callbacks:
             run_callbacks_sync(callbacks)
