@@ -120,6 +120,13 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels([r[0] for r in rows], fontsize=7)
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color="#2b8cbe", label="sessionscope")]
+    legend += [
+        Patch(color=colour, label=LABELS[key]) for key, colour in colours.items()
+    ]
+    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8)
     meta = doc["meta"]
     fig.suptitle(
         f"sessionscope {meta['sessionscope']} vs raw SQLAlchemy {meta['packages']['sqlalchemy']}"
@@ -128,5 +135,5 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

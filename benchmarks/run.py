@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import platform
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -245,19 +246,23 @@ async def _async_phase(
             await pg_env.aclose()
 
 
-def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, float]]) -> None:
+def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[float]]]) -> None:
+    """Mean instructions per transaction over the layouts, and the mean of the
+    per-layout ratios to raw with their range."""
     for name, per_variant in counts.items():
         entry = out.get(name)
         if entry is None or "variants" not in entry:
             continue
         base = per_variant.get("raw")
-        for variant, instructions in per_variant.items():
+        for variant, per_layout in per_variant.items():
             fig = entry["variants"].get(variant)
             if fig is None:
                 continue
-            fig["instructions_per_tx"] = round(instructions)
+            fig["instructions_per_tx"] = round(statistics.fmean(per_layout))
             if base:
-                fig["instructions_ratio"] = round(instructions / base, 4)
+                ratios = [x / b for x, b in zip(per_layout, base, strict=True)]
+                fig["instructions_ratio"] = round(statistics.fmean(ratios), 4)
+                fig["instructions_ratio_layouts"] = [round(r, 4) for r in ratios]
 
 
 def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
@@ -315,7 +320,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-callgrind", action="store_true", help="skip instruction counts")
     parser.add_argument(
-        "--callgrind-n", type=int, default=None, help="N of the N / 2N callgrind runs (default 100)"
+        "--callgrind-n", type=int, default=None, help="N of the N / 2N callgrind runs (default 60)"
+    )
+    parser.add_argument(
+        "--callgrind-layouts",
+        type=int,
+        default=None,
+        help="memory layouts to average the counts over (default 2; 1 with --smoke)",
     )
     parser.add_argument(
         "--callgrind-only",
@@ -397,10 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         if callgrind.available() is None:
             meta["callgrind"] = "valgrind not installed: no instruction counts"
         else:
-            n = args.callgrind_n or (2 if args.smoke else 100)
-            warmup = 1 if args.smoke else 30
-            print(f"  callgrind: counting instructions (N={n} and 2N)...", flush=True)
-            counts, details = callgrind.count(counted, n, warmup)
+            n = args.callgrind_n or (2 if args.smoke else 60)
+            warmup = 1 if args.smoke else 20
+            layouts = args.callgrind_layouts or (1 if args.smoke else 2)
+            print(
+                f"  callgrind: counting instructions (N={n} and 2N, {layouts} layout(s))...",
+                flush=True,
+            )
+            counts, details = callgrind.count(counted, n, warmup, layouts)
             details["valgrind"] = callgrind.valgrind_version()
             meta["callgrind"] = details
             _apply_instructions(out, counts)
