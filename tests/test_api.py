@@ -327,14 +327,21 @@ def test_manager_instances_are_independent(tmp_path: Path) -> None:
     def write_b(session: Session) -> None:
         session.add(User(name="in-b"))
 
+    @a.with_session
+    def session_of_a(session: Session) -> Session:
+        return session
+
     with a.session_scope() as sa_:
         sa_.add(User(name="in-a"))
         write_b()  # another manager's scope never joins this one
+        with b.session_scope():
+            # ...and a scope of b in between does not hide a's scope from a.
+            assert session_of_a() is sa_
     with a.session_scope() as s:
         assert s.scalars(select(User.name)).all() == ["in-a"]
     with b.session_scope() as s:
         assert s.scalars(select(User.name)).all() == ["in-b"]
-    assert a.get_stats()["session_count"] == 2 and b.get_stats()["session_count"] == 2
+    assert a.get_stats()["session_count"] == 2 and b.get_stats()["session_count"] == 3
     a.dispose()
     b.dispose()
 
@@ -345,3 +352,25 @@ def test_root_get_db_is_the_fastapi_dependency() -> None:
     import sessionscope.fastapi
 
     assert sessionscope.get_db is sessionscope.fastapi.get_db
+
+
+def test_manager_level_set_rollback_and_on_commit(tmp_path: Path) -> None:
+    a = SessionManager(f"sqlite:///{tmp_path / 'a.db'}")
+    b = SessionManager(f"sqlite:///{tmp_path / 'b.db'}")
+    reset_schema(a.engine)
+    reset_schema(b.engine)
+    ran: list[str] = []
+    with a.session_scope() as sa_, b.session_scope() as sb:
+        sa_.add(User(name="a-kept"))
+        sb.add(User(name="b-doomed"))
+        a.on_commit(lambda: ran.append("a"))
+        b.set_rollback()  # dooms b's scope only, although a's is the same thread's too
+    with a.session_scope() as s:
+        assert s.scalars(select(User.name)).all() == ["a-kept"]
+    with b.session_scope() as s:
+        assert s.scalars(select(User.name)).all() == []
+    assert ran == ["a"]
+    with pytest.raises(sessionscope.NoActiveScopeError):
+        a.set_rollback()
+    a.dispose()
+    b.dispose()

@@ -202,14 +202,11 @@ def on_commit(callback: Callable[[], Any]) -> None:
     are logged, not raised: the data is already committed. Outside a scope raises
     :class:`NoActiveScopeError`.
     """
-    owner = _core.require_owner("on_commit()")
-    if owner.callbacks is None:
-        owner.callbacks = []
-    owner.callbacks.append(callback)
+    _core.on_commit(callback)
 
 
 def set_rollback(rollback: bool = True) -> None:
     """Doom (or with False, un-doom) the innermost transaction or savepoint scope:
     on exit it rolls back quietly, without raising. Outside a scope raises
     :class:`NoActiveScopeError`."""
-    _core.require_owner("set_rollback()").doomed = rollback
+    _core.set_rollback(rollback)

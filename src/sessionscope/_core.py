@@ -48,10 +48,12 @@ __all__ = [
     "exit_frame",
     "find_outer",
     "new_frame",
+    "on_commit",
     "pool_exhausted",
     "record_retry",
     "require_owner",
     "retry_boundary",
+    "set_rollback",
     "stack",
     "worker_key",
 ]
@@ -81,14 +83,20 @@ worker_key: ContextVar[object | None] = ContextVar("sessionscope_worker_key", de
 class Frame:
     """One active scope.
 
-    ``owner`` is the innermost frame that owns a transaction or savepoint (itself
-    for NEW and SAVEPOINT frames); a JOIN frame on a session sessionscope did not
-    open has no owner. ``front`` is what the user sees: the ``Session``, or the
-    ``AsyncSession`` whose ``sync_session`` is ``session``.
+    ``parent`` is the frame this scope relates to (joins, saves a point in, or
+    None for a new session); ``below`` is the frame that was innermost in the
+    context when this one was pushed, whatever its thread, task, kind or manager:
+    lookups walk ``below``, so a scope of one manager nested in another's still
+    finds the outer scope of its own manager. ``owner`` is the innermost frame
+    that owns a transaction or savepoint (itself for NEW and SAVEPOINT frames); a
+    JOIN frame on a session sessionscope did not open has no owner. ``front`` is
+    what the user sees: the ``Session``, or the ``AsyncSession`` whose
+    ``sync_session`` is ``session``.
     """
 
     __slots__ = (
         "action",
+        "below",
         "callbacks",
         "cause",
         "cfg",
@@ -125,6 +133,7 @@ class Frame:
         self.session = session
         self.front = front
         self.parent = parent
+        self.below: Frame | None = None
         self.cfg = cfg
         self.key = key
         self.is_async = front is not session and front is not None
@@ -166,7 +175,7 @@ def current_frame(
         or (is_async is not None and frame.is_async is not is_async)
         or (manager is not None and frame.manager is not manager)
     ):
-        frame = frame.parent
+        frame = frame.below
     return frame
 
 
@@ -185,7 +194,7 @@ def find_outer(
     while frame is not None:
         if frame.session is explicit:
             return frame
-        frame = frame.parent
+        frame = frame.below
     return Frame(Action.JOIN, explicit, None, None, _DETACHED_CFG, key, None, None)
 
 
@@ -210,6 +219,7 @@ def new_frame(
     if action is _NEW:
         session, front = open_session(cfg)
         frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
+        frame.below = stack.get()
         frame.started = started = time.perf_counter()
         if stats is not None:
             if cfg.long_session_warning is None:
@@ -226,6 +236,7 @@ def new_frame(
     assert outer is not None  # decide() returns NEW when there is no outer frame
     front = outer.front if outer.front is not None else explicit_front
     frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
+    frame.below = stack.get()
     frame.started = time.perf_counter()
     return frame
 
@@ -528,10 +539,10 @@ def pool_exhausted(err: sa_exc.TimeoutError, status: dict[str, Any]) -> PoolExha
     )
 
 
-def require_owner(what: str) -> Frame:
-    """The innermost frame owning a transaction or savepoint, for ``on_commit`` and
-    ``set_rollback``; raises :class:`NoActiveScopeError` outside any scope."""
-    frame = current_frame(context_key())
+def require_owner(what: str, manager: object = None) -> Frame:
+    """The innermost frame (of ``manager``, or of any manager if None) owning a
+    transaction or savepoint; raises :class:`NoActiveScopeError` outside any scope."""
+    frame = current_frame(context_key(), None, manager)
     owner = frame.owner if frame is not None else None
     if owner is None:
         raise NoActiveScopeError(
@@ -540,6 +551,19 @@ def require_owner(what: str) -> Frame:
             "async_session_scope() or a decorated function."
         )
     return owner
+
+
+def on_commit(callback: Callback, manager: object = None) -> None:
+    """Queue ``callback`` on the innermost owning scope (see ``sessionscope.on_commit``)."""
+    owner = require_owner("on_commit()", manager)
+    if owner.callbacks is None:
+        owner.callbacks = []
+    owner.callbacks.append(callback)
+
+
+def set_rollback(rollback: bool, manager: object = None) -> None:
+    """Doom or un-doom the innermost owning scope (see ``sessionscope.set_rollback``)."""
+    require_owner("set_rollback()", manager).doomed = rollback
 
 
 def record_retry(
@@ -563,16 +587,6 @@ def record_retry(
             cfg.retry_attempts,
             delay,
         )
-
-
-def _error_code(orig: BaseException) -> str | None:
-    for attr in ("sqlstate", "pgcode"):
-        value = getattr(orig, attr, None) or getattr(orig.__cause__, attr, None)
-        if isinstance(value, str):
-            return value
-    if orig.args and isinstance(orig.args[0], int):
-        return str(orig.args[0])
-    return None
 
 
 def _detached_config() -> SessionConfig:

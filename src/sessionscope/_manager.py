@@ -526,6 +526,15 @@ class SessionManager:
         if self._router is not None:
             self._router.reset()
 
+    def on_commit(self, callback: Callable[[], Any]) -> None:
+        """Like :func:`sessionscope.on_commit`, on this manager's innermost scope."""
+        _core.on_commit(callback, self)
+
+    def set_rollback(self, rollback: bool = True) -> None:
+        """Like :func:`sessionscope.set_rollback`, on this manager's innermost scope:
+        with scopes of two databases nested, each can be doomed on its own."""
+        _core.set_rollback(rollback, self)
+
     def mark_written(self) -> None:
         """Treat the current thread or task as having just written: its read-only
         scopes read from the primary for the ``read_your_writes`` window. For writes
