@@ -16,7 +16,7 @@ import functools
 import os
 from typing import Any
 
-from sqlalchemy import String, func, select
+from sqlalchemy import String, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -90,6 +90,12 @@ class Env:
             session_config=SyncSessionConfig(expire_on_commit=False),
         )
 
+    def clear_sync(self) -> None:
+        """Empty the table (SQLite truncates), so a measurement starts from the same
+        table as the one before it: a growing B-tree makes later inserts dearer."""
+        with self.manager.engine.begin() as conn:
+            conn.execute(delete(self.Row))
+
     def count_sync(self, tag: str) -> int:
         with self.manager.engine.connect() as conn:
             return int(
@@ -128,6 +134,11 @@ class Env:
     def fas_db(self) -> Any:
         """fastapi-async-sqlalchemy's ``db`` proxy on the manager's async engine."""
         return _fastapi_async_sqlalchemy_db(self.manager.async_engine)
+
+    async def clear_async(self) -> None:
+        """Async twin of :meth:`clear_sync`."""
+        async with self.manager.async_engine.begin() as conn:
+            await conn.execute(delete(self.Row))
 
     async def count_async(self, tag: str) -> int:
         async with self.manager.async_engine.connect() as conn:

@@ -137,3 +137,66 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The result table as Markdown, for the README (``python -m benchmarks.report``)."""
+    meta = doc["meta"]
+    pk = meta["packages"]
+    cg = meta.get("callgrind")
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']['cpu']} x{meta['machine']['cores']} "
+        f"({meta['machine']['kernel']}, load average {meta['machine']['loadavg_start'][0]} "
+        f"at start), CPython {meta['python']}, SQLAlchemy {pk['sqlalchemy']}, greenlet "
+        f"{pk['greenlet']}, aiosqlite {pk['aiosqlite']} (SQLite {meta['sqlite']}), psycopg "
+        f"{pk['psycopg']}, asyncpg {pk['asyncpg']}, PostgreSQL {meta.get('postgresql') or '-'}, "
+        f"fastapi-async-sqlalchemy {pk['fastapi_async_sqlalchemy']}, advanced-alchemy "
+        f"{pk['advanced_alchemy']}; sessionscope {meta['sessionscope']}."
+        + (
+            f" Instructions: callgrind ({cg['valgrind']}), N={cg['n']}, mean of "
+            f"{cg['layouts']} memory layouts."
+            if isinstance(cg, dict)
+            else ""
+        ),
+        "",
+        "| workload | contender | us/tx | wall vs raw [IQR] | instr/tx | instr vs raw |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for name, wl in doc["workloads"].items():
+        if "skipped" in wl:
+            lines.append(f"| {name} | skipped: {wl['skipped']} | | | | |")
+            continue
+        for variant, fig in wl["variants"].items():
+            wall = f"{fig['ratio']:.3f}x [{fig['ratio_q1']:.2f}-{fig['ratio_q3']:.2f}]"
+            if wl["throughput"]:
+                wall += " throughput"
+            lines.append(
+                f"| {name} | {LABELS.get(variant, variant)} | {fig['median_us_per_tx']:.1f} | "
+                f"{wall} | {_fmt_int(fig.get('instructions_per_tx'))} | "
+                f"{_fmt_ratio(fig.get('instructions_ratio'))} |"
+            )
+    missing: dict[tuple[str, str], list[str]] = {}
+    for name, wl in doc["workloads"].items():
+        for peer, reason in wl["not_applicable"].items():
+            missing.setdefault((LABELS.get(peer, peer), reason), []).append(name)
+    if missing:
+        lines += ["", "No equivalent (not measured):", ""]
+        for (peer, reason), names in missing.items():
+            lines.append(f"- {peer}: {reason} ({', '.join(names)})")
+    lines += ["", "| target | limit | wall | instr | met |", "|---|---:|---:|---:|---|"]
+    for t in doc["targets"]:
+        met = {True: "yes", False: "**no**", None: "?"}[t["met"]]
+        if "pool_checked_out_after" in t:
+            met += f" (pool checked out afterwards: {t['pool_checked_out_after']})"
+        lines.append(
+            f"| {t['name']} | {t['op']} {t['limit']:.2f} | {_fmt_ratio(t.get('wall'))} | "
+            f"{_fmt_ratio(t.get('instructions'))} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latest.json")
+    print(render_markdown(json.loads(source.read_text())))

@@ -70,7 +70,7 @@ def _plans(profile: str) -> dict[str, Plan]:
     return {
         "sqlite": Plan(rounds=max(5, round(25 * scale)), batch_seconds=0.05, warmup=30),
         "server": Plan(rounds=max(5, round(15 * scale)), batch_seconds=0.1, warmup=20),
-        "concurrent": Plan(rounds=max(4, round(10 * scale)), batch_seconds=0.5, warmup=1),
+        "concurrent": Plan(rounds=max(6, round(16 * scale)), batch_seconds=0.3, warmup=1),
     }
 
 
