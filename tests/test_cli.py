@@ -40,3 +40,25 @@ def test_demo_on_a_server(server: str, tmp_path: Path) -> None:
     out = _run(["demo", "--url", url], tmp_path)
     assert "final: 6 users, 2 profiles" in out
     assert out.splitlines()[0] == f"sessionscope demo on {url}"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:s3cret@127.0.0.1:abc/db", "ValueError"),
+        ("not a url s3cret", "ArgumentError"),
+        ("mysql+mysqldb://u:s3cret@127.0.0.1/db", "driver module 'MySQLdb' is not installed"),
+    ],
+)
+@pytest.mark.parametrize("command", ["demo", "stats"])
+def test_bad_url_is_a_one_line_error_without_the_password(
+    command: str, url: str, expected: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    out = subprocess.run(
+        [sys.executable, "-m", "sessionscope", command, "--url", url],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "s3cret" not in out.stderr + out.stdout
+    assert expected in out.stderr

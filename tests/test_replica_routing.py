@@ -401,6 +401,29 @@ def test_a_replica_that_cannot_connect_is_skipped_for_the_cooldown(
         bad.dispose()
 
 
+def test_a_fallback_after_a_stats_reset_keeps_the_counts_consistent(
+    urls: dict[str, str],
+) -> None:
+    """A read counted before ``reset_stats()`` that falls back afterwards is counted
+    once, on the engine that served it: no negative per-engine figure."""
+    bad = create_engine(unreachable(urls["replica1"]))
+    manager = SessionManager(
+        urls["primary"], replicas=[bad, urls["replica2"]], read_your_writes=0
+    )
+    try:
+        with manager.session_scope(read_only=True) as session:
+            manager.reset_stats()  # e.g. a metrics endpoint, between open and connect
+            assert session.scalar(text("SELECT name FROM ss_where")) == "replica2"
+        routing = manager.get_stats()["routing"]
+        engines = routing["engines"]
+        assert routing["reads"] == 1 and routing["fallbacks"] == 1
+        assert engines["replica1"]["reads"] == 0 and engines["replica2"]["reads"] == 1
+        assert sum(e["reads"] for e in engines.values()) == routing["reads"]
+    finally:
+        manager.dispose()
+        bad.dispose()
+
+
 def test_with_no_cooldown_a_failed_replica_is_tried_again(urls: dict[str, str]) -> None:
     bad = create_engine(unreachable(urls["replica1"]))
     attempts = count_connects(bad)

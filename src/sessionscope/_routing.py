@@ -168,11 +168,17 @@ class _Replica:
 class _Route:
     """Routing state of one replica-bound session, until it has connected."""
 
-    __slots__ = ("cfg", "front", "is_async", "replica", "tried")
+    __slots__ = ("cfg", "front", "generation", "is_async", "replica", "tried")
 
     def __init__(
-        self, replica: _Replica, cfg: SessionConfig, is_async: bool, front: AsyncSession | None
+        self,
+        replica: _Replica,
+        cfg: SessionConfig,
+        is_async: bool,
+        front: AsyncSession | None,
+        generation: int,
     ) -> None:
+        self.generation = generation  # the counters' reset generation it was counted in
         self.replica: _Replica | None = replica
         self.cfg = cfg
         self.is_async = is_async
@@ -234,6 +240,7 @@ class Router:
         )
         self._primary_read: dict[bool, tuple[Any, Any]] = {}  # is_async -> (factory, engine)
         self._routed: dict[type[Session], type[Session]] = {}
+        self._generation = 0
         self._zero()
         if self.read_your_writes > 0:
             for primary in (manager._engine, manager._async_engine):
@@ -381,7 +388,9 @@ class Router:
             cfg, self._factory(replica, is_async), self._engine(replica, is_async), is_async
         )
         sync_session: Session = session.sync_session if is_async else session
-        sync_session.info[_ROUTE] = _Route(replica, cfg, is_async, session if is_async else None)
+        sync_session.info[_ROUTE] = _Route(
+            replica, cfg, is_async, session if is_async else None, self._generation
+        )
         return session
 
     def _pick(self, exclude: Sequence[_Replica], after: _Replica | None = None) -> _Replica | None:
@@ -452,7 +461,12 @@ class Router:
         if route.cfg.enable_monitoring:
             with self._lock:
                 self.fallbacks += 1
-                old.reads -= 1
+                if route.generation == self._generation:
+                    old.reads -= 1  # the read moves: it was counted against ``old``
+                else:
+                    # Counted before a reset that zeroed it: count it afresh.
+                    self.reads += 1
+                    route.generation = self._generation
                 if nxt is None:
                     self.primary_reads += 1
                     self.primary_because["fallback"] += 1
@@ -530,6 +544,7 @@ class Router:
         """Zero the counters (health is state, not a figure: it is kept)."""
         with self._lock:
             self._zero()
+            self._generation += 1
 
     def dispose(self) -> None:
         """Close the pooled connections of the sync replica engines."""

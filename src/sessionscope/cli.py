@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._backend import safe_url
+from ._backend import default_url, safe_url
 from ._manager import SessionManager
 from ._report import format_stats
 from ._retry import describe
@@ -42,12 +42,6 @@ def _stats(args: argparse.Namespace) -> int:
             with manager.session_scope(read_only=True) as session:
                 session.execute(text("SELECT 1"))
         stats = manager.get_stats()
-    except SQLAlchemyError as err:
-        print(
-            f"sessionscope stats: cannot query {safe_url(manager.url)}: {describe(err)}",
-            file=sys.stderr,
-        )
-        return 1
     finally:
         manager.dispose()
     if args.json:
@@ -95,8 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The library logs warnings (rollbacks, retries) through "sessionscope";
     # show them on stderr, formatted, instead of Python's bare last-resort output.
     logging.basicConfig(level=logging.WARNING, format="   [%(levelname)s %(name)s] %(message)s")
-    status: int = args.handler(args)
+    try:
+        status: int = args.handler(args)
+    except (SQLAlchemyError, ImportError, ValueError) as err:
+        print(f"sessionscope {args.command}: cannot use {_target(args.url)}: {_why(err)}",
+              file=sys.stderr)
+        return 1
     return status
+
+
+def _target(url: str | None) -> str:
+    try:
+        return safe_url(url if url is not None else default_url())
+    except Exception:  # unparsable: never echo it, it may hold a password
+        return "the given --url"
+
+
+def _why(err: BaseException) -> str:
+    # Class and code only: an error's text can carry the URL (with its password),
+    # SQL or bound parameters. A missing driver is named, so it can be installed.
+    if isinstance(err, ImportError) and err.name:
+        return f"driver module {err.name!r} is not installed"
+    return describe(err)
 
 
 if __name__ == "__main__":
