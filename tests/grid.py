@@ -59,6 +59,9 @@ class Api:
     def commit(self, session: Any) -> None:
         session.commit()
 
+    def rollback(self, session: Any) -> None:
+        session.rollback()
+
     def checked_out(self) -> int:
         return int(self.engine.pool.checkedout())
 
@@ -123,6 +126,9 @@ class AsyncApi(Api):
 
     def commit(self, session: Any) -> None:
         await_only(session.commit())
+
+    def rollback(self, session: Any) -> None:
+        await_only(session.rollback())
 
     def run(self, scenario: Callable[[Api], Any]) -> Any:
         async def main() -> Any:

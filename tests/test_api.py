@@ -374,3 +374,36 @@ def test_manager_level_set_rollback_and_on_commit(tmp_path: Path) -> None:
         a.set_rollback()
     a.dispose()
     b.dispose()
+
+
+def test_session_options_expire_on_commit_is_honoured(tmp_path: Path) -> None:
+    manager = SessionManager(
+        f"sqlite:///{tmp_path / 'e.db'}", session_options={"expire_on_commit": True}
+    )
+    with manager.session_scope() as s:
+        assert s.expire_on_commit is True
+    with manager.session_scope(expire_on_commit=False) as s:
+        assert s.expire_on_commit is False
+    manager.dispose()
+
+
+def test_cached_overrides_still_validate_types(manager: SessionManager) -> None:
+    with sessionscope.session_scope(read_only=True):
+        pass
+    with pytest.raises(TypeError, match="read_only"):
+        sessionscope.session_scope(read_only=1)  # 1 == True, but not a bool
+
+
+async def test_a_session_of_the_wrong_kind_is_a_clear_type_error(
+    manager: SessionManager,
+) -> None:
+    @sessionscope.async_with_session
+    async def needs_async(session: AsyncSession) -> None: ...
+
+    try:
+        with sessionscope.session_scope() as sync_session:
+            with pytest.raises(TypeError, match="AsyncSession"):
+                await needs_async(session=sync_session)
+        await needs_async(session=None)  # None: one is injected
+    finally:
+        await manager.adispose()

@@ -274,6 +274,36 @@ def on_commit_hooks(api: Api) -> None:
         sessionscope.on_commit(lambda: None)
 
 
+def on_commit_follows_the_bodys_own_commit(api: Api) -> None:
+    ran: list[str] = []
+    with api.scope() as s:
+        s.add(User(name="a"))
+        sessionscope.on_commit(lambda: ran.append("committed-by-body"))
+        api.commit(s)
+        s.add(User(name="b"))
+        api.flush(s)
+        sessionscope.on_commit(lambda: ran.append("rolled-back-by-body"))
+        api.rollback(s)
+        assert ran == []  # callbacks run when the scope exits
+    assert ran == ["committed-by-body"]
+    assert names(api) == ["a"]
+
+
+def savepoint_kept_on_error_does_not_mask_it(api: Api) -> None:
+    """auto_rollback=False keeps a savepoint's work on error, but a failed flush
+    left nothing to keep: the caller still sees the flush's error."""
+    with api.scope() as s:
+        s.add(User(name="a"))
+        api.flush(s)
+        with pytest.raises(IntegrityError), api.scope(
+            propagation="nested", auto_rollback=False
+        ) as inner:
+            inner.add(User(name="a"))
+            api.flush(inner)
+        s.add(User(name="b"))
+    assert names(api) == ["a", "b"]
+
+
 def set_rollback_dooms_quietly(api: Api) -> None:
     with api.scope() as s:
         s.add(User(name="doomed"))
@@ -369,6 +399,8 @@ SCENARIOS: list[Callable[[Api], None]] = [
     returned_objects_stay_usable,
     mandatory_and_never,
     on_commit_hooks,
+    on_commit_follows_the_bodys_own_commit,
+    savepoint_kept_on_error_does_not_mask_it,
     set_rollback_dooms_quietly,
     auto_commit_false_discards,
     explicit_session_is_joined,

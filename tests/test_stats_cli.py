@@ -77,7 +77,7 @@ def test_stats_unreachable_database_fails_clearly(tmp_path: Path) -> None:
     url = f"postgresql+psycopg://app:{PASSWORD}@127.0.0.1:1/app"
     out = _run(["stats", "--url", url], tmp_path)
     assert out.returncode == 1
-    assert "cannot query postgresql+psycopg://app:***@127.0.0.1:1/app" in out.stderr
+    assert "stats: cannot use postgresql+psycopg://app:***@127.0.0.1:1/app" in out.stderr
     assert PASSWORD not in out.stdout + out.stderr
 
 

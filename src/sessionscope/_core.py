@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -102,6 +103,7 @@ class Frame:
         "cfg",
         "done",
         "doomed",
+        "due",
         "front",
         "function",
         "is_async",
@@ -148,6 +150,7 @@ class Frame:
         self.done = False
         self.cause: BaseException | None = None
         self.callbacks: list[Callback] | None = None
+        self.due: list[Callback] | None = None  # callbacks whose COMMIT already happened
         self.started = 0.0
 
 
@@ -323,11 +326,20 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
                 # A savepoint deactivated by a failed flush raises here instead of
                 # looking released: its work is gone and the caller must know.
                 savepoint.commit()
-            except BaseException:
+            except BaseException as err:
                 _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
                 if stats is not None:
                     stats.savepoint_ended(rolled_back=True)
-                raise
+                if exc is None:
+                    raise
+                # auto_rollback=False with the body already failing: its exception
+                # is the one the caller must see, not the RELEASE's consequence.
+                logger.warning(
+                    "savepoint of %s could not be kept (%s) and was rolled back",
+                    frame.function or "scope",
+                    type(err).__name__,
+                )
+                return
         _promote_callbacks(frame)
         if stats is not None:
             stats.savepoint_ended(rolled_back=False)
@@ -391,13 +403,15 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> lis
                         "inner scope, or give the inner scope "
                         'propagation="nested" so its failure is contained.'
                     ) from frame.cause
-            elif cfg.auto_commit and not frame.doomed and session.in_transaction():
-                _commit(session)
-                committed = True
-                if frame.callbacks:
-                    callbacks = frame.callbacks
             elif cfg.auto_commit and not frame.doomed:
-                committed = True  # nothing was sent: counts as a successful commit
+                if session.in_transaction():
+                    _commit(session)
+                # else nothing is pending (the body committed itself, or sent
+                # nothing): it counts as a successful commit all the same.
+                committed = True
+                callbacks = (frame.due or []) + (frame.callbacks or [])
+            elif frame.due:
+                callbacks = frame.due  # committed by the body before the rollback
             # Otherwise (auto_commit=False, set_rollback(True)): close() below
             # returns the connection, whose reset rolls the work back.
         elif cfg.auto_rollback and session.in_transaction():
@@ -558,7 +572,29 @@ def on_commit(callback: Callback, manager: object = None) -> None:
     owner = require_owner("on_commit()", manager)
     if owner.callbacks is None:
         owner.callbacks = []
+        if owner.action is _NEW and owner.due is None:
+            _track_commits(owner)
     owner.callbacks.append(callback)
+
+
+def _track_commits(frame: Frame) -> None:
+    """Follow COMMITs and ROLLBACKs the body issues itself on the scope's session,
+    so callbacks run after the COMMIT that made their work durable and are dropped
+    by a rollback. Installed only once a scope registers a callback."""
+    frame.due = []
+
+    def _after_commit(session: Session) -> None:
+        if frame.callbacks:
+            assert frame.due is not None
+            frame.due.extend(frame.callbacks)
+            frame.callbacks = None
+
+    def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+        if previous.parent is None:  # the whole transaction, not a savepoint
+            frame.callbacks = None
+
+    event.listen(frame.session, "after_commit", _after_commit)
+    event.listen(frame.session, "after_soft_rollback", _after_soft_rollback)
 
 
 def set_rollback(rollback: bool, manager: object = None) -> None:

@@ -33,7 +33,15 @@ class Injection:
     def explicit(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The session the caller passed (``session=`` or positionally), else None."""
         if _SESSION_PARAM in kwargs:
-            return kwargs[_SESSION_PARAM]
+            given = kwargs[_SESSION_PARAM]
+            if given is not None and not isinstance(given, self.session_types):
+                raise TypeError(
+                    f"session= must be a {' or '.join(t.__name__ for t in self.session_types)}"
+                    f" (or None to have one injected), got {type(given).__name__}; a sync "
+                    "Session goes to with_session functions, an AsyncSession to "
+                    "async_with_session ones"
+                )
+            return given
         if not self.keyword_only and len(args) > self.index:
             candidate = args[self.index]
             if isinstance(candidate, self.session_types):
@@ -112,12 +120,14 @@ def prepare(
     return Injection(index, keyword_only, session_types), public, name
 
 
-def options_key(overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+def options_key(overrides: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...] | None:
     """A hashable key for caching a resolved config, or None if a value is unhashable."""
     if not overrides:
         return ()
-    items = tuple(overrides.items())
-    for _, value in items:
+    # The value's type is part of the key: 1 == True and 0 == False hash alike, and
+    # a cached config validated for True must not let 1 through.
+    items = tuple((name, type(value), value) for name, value in overrides.items())
+    for _, _, value in items:
         if not isinstance(value, Hashable):
             return None
     return items
@@ -132,8 +142,20 @@ def log_callback_error(callback: Callable[..., Any], err: BaseException) -> None
         "on_commit callback %s failed after COMMIT: %s",
         name,
         type(err).__name__,
-        exc_info=None if isinstance(err, StatementError) else err,
+        exc_info=None if _carries_statement(err) else err,
     )
+
+
+def _carries_statement(err: BaseException | None) -> bool:
+    # A traceback prints the whole chain: any StatementError in it would log SQL
+    # and bound parameters.
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, StatementError):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
 
 
 def run_callbacks_sync(callbacks: list[Callable[[], Any]]) -> None:

@@ -100,7 +100,6 @@ class SessionManager:
         self._async_engine = async_engine
         self._engine_options = dict(engine_options)
         self._session_options = dict(session_options or {})
-        self._session_options.setdefault("expire_on_commit", False)
         self._session_class = session_class
         self._async_session_class = async_session_class
         self._lock = threading.Lock()
@@ -108,7 +107,14 @@ class SessionManager:
         self._async_factory: async_sessionmaker[AsyncSession] | None = None
         self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
         self._config = config if config is not None else SessionConfig()
-        self._resolved: dict[tuple[tuple[str, Any], ...], SessionConfig] = {}
+        # expire_on_commit lives in the config (overridable per scope); a value
+        # given in session_options is the manager's default for it.
+        if "expire_on_commit" in self._session_options:
+            self._config = self._config.merged(
+                {"expire_on_commit": bool(self._session_options["expire_on_commit"])}
+            )
+        self._session_options["expire_on_commit"] = self._config.expire_on_commit
+        self._resolved: dict[tuple[tuple[str, type, Any], ...], SessionConfig] = {}
         self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.stats = Stats()
         # Called with (role, engine) when an engine is created (exporters attach
@@ -307,7 +313,7 @@ class SessionManager:
         return new
 
     def _resolve(
-        self, key: tuple[tuple[str, Any], ...] | None, overrides: Mapping[str, Any]
+        self, key: tuple[tuple[str, type, Any], ...] | None, overrides: Mapping[str, Any]
     ) -> SessionConfig:
         if not overrides:
             return self._config
