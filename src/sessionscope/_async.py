@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from . import _core
 from ._decorate import log_callback_error, options_key, prepare
 from ._policy import Action
-from ._retry import retry_delay_for
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -163,12 +162,10 @@ async def acall_with_retry(
     call: Callable[[], Awaitable[T]],
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
-    if cfg.retry_attempts == 0:
+    token = _core.enter_retry_boundary(cfg)
+    if token is None:
         return await call()
-    key = _core.context_key()
-    if _core.retry_boundary.get() == key:
-        return await call()
-    token = _core.retry_boundary.set(key)
+    stats = manager.stats if cfg.enable_monitoring else None
     try:
         attempt = 0
         while True:
@@ -176,17 +173,9 @@ async def acall_with_retry(
                 return await call()
             except Exception as exc:
                 attempt += 1
-                delay = retry_delay_for(cfg, attempt, exc)
+                delay = _core.next_retry(stats, cfg, exc, attempt, function)
                 if delay is None:
                     raise
-                _core.record_retry(
-                    manager.stats if cfg.enable_monitoring else None,
-                    cfg,
-                    exc,
-                    attempt,
-                    delay,
-                    function,
-                )
                 await asyncio.sleep(delay)
     finally:
         _core.retry_boundary.reset(token)

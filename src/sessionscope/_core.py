@@ -34,9 +34,11 @@ from ._errors import (
     RollbackOnlyError,
 )
 from ._policy import Action, decide
-from ._retry import describe, is_disconnect
+from ._retry import describe, is_disconnect, retry_delay_for
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from ._config import SessionConfig
     from ._stats import Stats
 
@@ -46,9 +48,11 @@ __all__ = [
     "begin_savepoint",
     "context_key",
     "current_frame",
+    "enter_retry_boundary",
     "exit_frame",
     "find_outer",
     "new_frame",
+    "next_retry",
     "on_commit",
     "pool_exhausted",
     "record_retry",
@@ -600,6 +604,34 @@ def _track_commits(frame: Frame) -> None:
 def set_rollback(rollback: bool, manager: object = None) -> None:
     """Doom or un-doom the innermost owning scope (see ``sessionscope.set_rollback``)."""
     require_owner("set_rollback()", manager).doomed = rollback
+
+
+def enter_retry_boundary(cfg: SessionConfig) -> Token[object] | None:
+    """Make the caller the retrying boundary of this thread or task; None if it
+    must call once instead (retry disabled, or an outer boundary already retries:
+    a part of a unit of work is never re-run alone). Reset the returned token."""
+    if cfg.retry_attempts == 0:
+        return None
+    key = context_key()
+    if retry_boundary.get() == key:
+        return None
+    return retry_boundary.set(key)
+
+
+def next_retry(
+    stats: Stats | None,
+    cfg: SessionConfig,
+    exc: Exception,
+    attempt: int,
+    function: str | None,
+) -> float | None:
+    """After failed attempt number ``attempt``: the delay before the next attempt,
+    counted and logged, or None to re-raise. The one decision both retry drivers
+    (blocking sleep, asyncio sleep) share."""
+    delay = retry_delay_for(cfg, attempt, exc)
+    if delay is not None:
+        record_retry(stats, cfg, exc, attempt, delay, function)
+    return delay
 
 
 def record_retry(

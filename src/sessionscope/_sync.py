@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from . import _core
 from ._decorate import options_key, prepare, run_callbacks_sync
 from ._policy import Action
-from ._retry import retry_delay_for
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -106,12 +105,10 @@ def call_with_retry(
     """Run ``call``; on a transient error, back off and run it again (each attempt
     opens its own session). Only an outermost caller retries: inside a scope or
     another retry boundary of this thread or task, the error propagates to it."""
-    if cfg.retry_attempts == 0:
+    token = _core.enter_retry_boundary(cfg)
+    if token is None:
         return call()
-    key = _core.context_key()
-    if _core.retry_boundary.get() == key:
-        return call()
-    token = _core.retry_boundary.set(key)
+    stats = manager.stats if cfg.enable_monitoring else None
     try:
         attempt = 0
         while True:
@@ -119,17 +116,9 @@ def call_with_retry(
                 return call()
             except Exception as exc:
                 attempt += 1
-                delay = retry_delay_for(cfg, attempt, exc)
+                delay = _core.next_retry(stats, cfg, exc, attempt, function)
                 if delay is None:
                     raise
-                _core.record_retry(
-                    manager.stats if cfg.enable_monitoring else None,
-                    cfg,
-                    exc,
-                    attempt,
-                    delay,
-                    function,
-                )
                 time.sleep(delay)
     finally:
         _core.retry_boundary.reset(token)
