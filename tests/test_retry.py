@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only, greenlet_spawn
 
 import sessionscope
@@ -758,3 +759,48 @@ def test_retry_delay_for_counts_attempts() -> None:
     assert second is not None and 0.5 <= second <= 1.0
     assert retry_delay_for(cfg, 3, transient) is None
     assert retry_delay_for(cfg, 1, ValueError("not transient")) is None
+
+
+def test_rollback_only_from_a_caught_transient_step_retries_the_whole_unit(
+    tmp_path: Path,
+) -> None:
+    """A joined step fails with a transient error and its caller catches it: the
+    transaction can only roll back (RollbackOnlyError), and re-running the whole
+    unit is what helps, so the decision looks at the step's error. The transient
+    error here is the user's own, declared through ``retry_predicate`` (a real
+    server conflict inside a caught step is covered by the same code path)."""
+
+    class Conflict(Exception):
+        pass
+
+    manager = SessionManager(f"sqlite:///{tmp_path / 'r.db'}")
+    reset_schema(manager.engine)
+    manager.configure(retry_delay=0.001, retry_predicate=lambda e: isinstance(e, Conflict))
+    attempts: list[int] = []
+
+    @manager.with_session
+    def step(session: Session) -> None:
+        if len(attempts) == 1:
+            raise Conflict
+
+    @manager.with_session
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        session.add(User(name=f"try-{len(attempts)}"))
+        try:
+            step()
+        except Conflict:
+            pass  # swallowed: the transaction is spoiled all the same
+
+    unit()
+    assert len(attempts) == 2
+    with manager.session_scope() as s:
+        assert s.scalars(select(User.name)).all() == ["try-2"]
+    assert manager.get_stats()["retries"] == 1
+
+    manager.configure(retry_predicate=lambda e: False)
+    attempts.clear()
+    with pytest.raises(sessionscope.RollbackOnlyError):
+        unit()
+    assert len(attempts) == 1
+    manager.dispose()

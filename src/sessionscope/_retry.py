@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import exc as sa_exc
 
-from ._errors import CommitOutcomeUnknownError, PoolExhaustedError
+from ._errors import CommitOutcomeUnknownError, PoolExhaustedError, RollbackOnlyError
 
 if TYPE_CHECKING:
     from ._config import SessionConfig
@@ -208,6 +208,11 @@ def retry_delay_for(cfg: SessionConfig, attempt: int, exc: BaseException) -> flo
     pool exhaustion, which no predicate can make retryable (re-running could
     apply a commit twice, or only add load to a saturated pool).
     """
+    if isinstance(exc, RollbackOnlyError) and isinstance(exc.__cause__, Exception):
+        # A joined step failed and the caller caught it; the transaction rolled
+        # back instead of committing. Whether re-running the whole unit can help
+        # is the question for the step's error, e.g. a deadlock.
+        exc = exc.__cause__
     if attempt > cfg.retry_attempts or isinstance(exc, _NEVER_RETRIED):
         return None
     if not cfg.retry_predicate(exc):
