@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,26 @@ BACKENDS = ["sqlite", "postgresql", "mariadb"]
 _reachable: dict[str, str | None] = {}
 
 
+def create_database(url: str) -> None:
+    """Create the database named by ``url`` on its server if it does not exist."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    admin = parsed.set(database="postgres" if backend == "postgresql" else "")
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if backend == "postgresql":
+                exists = conn.scalar(
+                    text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}
+                )
+                if not exists:
+                    conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+            else:
+                conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}`")
+    finally:
+        engine.dispose()
+
+
 def _ensure_database(backend: str) -> str | None:
     """Create the test database if needed; return None if OK, else the reason."""
     url = make_url(SERVER_URLS[backend])
@@ -49,23 +71,38 @@ def _ensure_database(backend: str) -> str | None:
             pass
     except OSError as err:
         return f"{backend} server not reachable at {url.host}:{url.port} ({err})"
-    admin = url.set(database="postgres" if backend == "postgresql" else "")
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
     try:
-        with engine.connect() as conn:
-            if backend == "postgresql":
-                exists = conn.scalar(
-                    text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
-                )
-                if not exists:
-                    conn.exec_driver_sql(f'CREATE DATABASE "{url.database}"')
-            else:
-                conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{url.database}`")
+        create_database(SERVER_URLS[backend])
     except Exception as err:  # a server that refuses us is as good as absent
         return f"{backend} server refused the test login: {type(err).__name__}: {err}"
-    finally:
-        engine.dispose()
     return None
+
+
+def run_pytest(directory: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run pytest on ``directory`` in a child process, with this project's pytest
+    settings (warnings as errors, asyncio auto mode)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error",
+            "-o",
+            "asyncio_mode=auto",
+            "-o",
+            "asyncio_default_fixture_loop_scope=function",
+            str(directory),
+        ],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def require_server(backend: str) -> str:

@@ -17,7 +17,6 @@ import ast
 import asyncio
 import os
 import re
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from typing import Any
 import pytest
 
 from sessionscope import _api
+
+from .conftest import run_pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "guide.md", ROOT / "docs" / "migration.md", ROOT / "README.zh-CN.md"]
@@ -115,28 +116,7 @@ def run_file_blocks(path: Path, files: list[Block], workdir: Path) -> None:
         return
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "error",
-            "-o",
-            "asyncio_mode=auto",
-            "-o",
-            "asyncio_default_fixture_loop_scope=function",
-            str(workdir),
-        ],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_pytest(workdir, env)
     assert result.returncode == 0, f"{path.name} test files:\n{result.stdout}{result.stderr}"
     assert re.search(r"\d+ passed", result.stdout) and "skipped" not in result.stdout
 

@@ -26,31 +26,12 @@ from sqlalchemy.orm import Session
 import sessionscope
 from sessionscope import ReadOnlyError, SessionConfig, SessionManager
 
-from .conftest import backend_url, reset_schema
+from .conftest import backend_url, create_database, reset_schema
 from .models import User
 
 REPLICA_SUFFIXES = ("r1", "r2")
 
 T = TypeVar("T")
-
-
-def _create_database(url: str) -> None:
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    admin = parsed.set(database="postgres" if backend == "postgresql" else "")
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            if backend == "postgresql":
-                exists = conn.scalar(
-                    text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}
-                )
-                if not exists:
-                    conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-            else:
-                conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}`")
-    finally:
-        engine.dispose()
 
 
 def _prepare(url: str, name: str) -> None:
@@ -79,7 +60,7 @@ def urls(backend: str, tmp_path: Path) -> dict[str, str]:
             url = parsed.set(database=f"{parsed.database}_{suffix}").render_as_string(
                 hide_password=False
             )
-            _create_database(url)
+            create_database(url)
         result[f"replica{suffix[1:]}"] = url
     for name, url in result.items():
         _prepare(url, name)

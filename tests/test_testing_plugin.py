@@ -13,8 +13,6 @@ Two layers, each on SQLite, PostgreSQL and MariaDB:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from sessionscope import (
     with_session,
 )
 
+from .conftest import run_pytest
 from .models import User
 
 COUNT = select(func.count()).select_from(User)
@@ -280,28 +279,7 @@ def test_plugin_leaves_the_database_unchanged(manager: SessionManager, tmp_path:
     env = dict(os.environ)
     env["SESSIONSCOPE_INNER_URL"] = url
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "error",
-            "-o",
-            "asyncio_mode=auto",
-            "-o",
-            "asyncio_default_fixture_loop_scope=function",
-            str(tmp_path),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_pytest(tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout, result.stdout
     # Everything the inner tests committed is gone; what was there before stays.
