@@ -40,6 +40,16 @@ class Measurement:
     tx_done: dict[str, int]  # transactions each contender ran, warm-up included
     checked_out_max: dict[str, int] = field(default_factory=dict)
 
+    def record(
+        self, name: str, elapsed: float, tx_per_unit: int, probe: Callable[[], int] | None
+    ) -> None:
+        """Book one timed batch of ``name`` (and the pool probe read after it)."""
+        self.per_tx[name].append(elapsed / (self.units * tx_per_unit))
+        self.tx_done[name] += self.units * tx_per_unit
+        if probe is not None:
+            out = probe()
+            self.checked_out_max[name] = max(self.checked_out_max.get(name, 0), out)
+
 
 def _rotations(names: list[str], rounds: int) -> list[list[str]]:
     return [names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)]
@@ -74,12 +84,7 @@ def measure_sync(
             gc.collect()
             t0 = time.perf_counter()
             runners[name](units)
-            elapsed = time.perf_counter() - t0
-            result.per_tx[name].append(elapsed / (units * tx_per_unit))
-            tx_done[name] += units * tx_per_unit
-            if probe is not None:
-                out = probe()
-                result.checked_out_max[name] = max(result.checked_out_max.get(name, 0), out)
+            result.record(name, time.perf_counter() - t0, tx_per_unit, probe)
     gc.unfreeze()
     return result
 
@@ -108,12 +113,7 @@ async def measure_async(
             gc.collect()
             t0 = time.perf_counter()
             await runners[name](units)
-            elapsed = time.perf_counter() - t0
-            result.per_tx[name].append(elapsed / (units * tx_per_unit))
-            tx_done[name] += units * tx_per_unit
-            if probe is not None:
-                out = probe()
-                result.checked_out_max[name] = max(result.checked_out_max.get(name, 0), out)
+            result.record(name, time.perf_counter() - t0, tx_per_unit, probe)
     gc.unfreeze()
     return result
 
