@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,11 +22,18 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import _core
-from ._decorate import log_callback_error, options_key, prepare
+from ._decorate import (
+    detached_config,
+    log_callback_error,
+    options_key,
+    prepare,
+    scope_manager,
+)
+from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
 from ._policy import Action
 
 if TYPE_CHECKING:
-    from contextvars import Token
+    from sqlalchemy.orm import Session
 
     from ._config import SessionConfig
     from ._manager import SessionManager
@@ -35,19 +43,25 @@ __all__ = ["AsyncScope", "acall_with_retry", "decorate_async"]
 T = TypeVar("T")
 
 _NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT  # see _core._NEW
+_ACTIVE = _core.FrameState.ACTIVE
+
+
+def _not_set_up(cfg: SessionConfig) -> tuple[Session, AsyncSession]:
+    raise SessionFactoryNotInitializedError("a scope that opens its own session")
 
 
 class AsyncScope:
     """Async context manager yielding an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
 
-    Created per use by ``async_session_scope()``; not reusable once exited.
+    Created per use by ``async_session_scope()``. Entering it again while it is
+    active raises :class:`ActiveScopeError`; once exited it may be entered again.
     """
 
-    __slots__ = ("_cfg", "_explicit", "_frame", "_function", "_manager", "_token")
+    __slots__ = ("_cfg", "_explicit", "_frame", "_function", "_manager")
 
     def __init__(
         self,
-        manager: SessionManager,
+        manager: SessionManager | None,
         cfg: SessionConfig,
         explicit: AsyncSession | None = None,
         function: str | None = None,
@@ -57,9 +71,15 @@ class AsyncScope:
         self._explicit = explicit
         self._function = function
         self._frame: _core.Frame | None = None
-        self._token: Token[_core.Frame | None] | None = None
 
     async def __aenter__(self) -> AsyncSession:
+        active = self._frame
+        if active is not None and active.state is _ACTIVE:
+            raise ActiveScopeError(
+                "this async_session_scope() object is already active; entering it again "
+                "would share (and then close) its session. Create one scope object per "
+                "async with block: async with async_session_scope() as session: ..."
+            )
         cfg = self._cfg
         manager = self._manager
         explicit = self._explicit
@@ -71,16 +91,17 @@ class AsyncScope:
             cfg,
             key,
             outer,
-            manager._open_async,
-            manager.stats if cfg.enable_monitoring else None,
+            manager._open_async if manager is not None else _not_set_up,
+            manager.stats if cfg.enable_monitoring and manager is not None else None,
             self._function,
             explicit,
             manager,
+            _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             await frame.front.run_sync(_core.begin_savepoint, frame)
         self._frame = frame
-        self._token = _core.stack.set(frame)
+        _core.push(frame)
         front: AsyncSession = frame.front
         return front
 
@@ -91,10 +112,9 @@ class AsyncScope:
         tb: TracebackType | None,
     ) -> None:
         frame = self._frame
-        if frame is None or self._token is None:
+        if frame is None:
             raise RuntimeError("async session scope exited without being entered")
-        _core.stack.reset(self._token)
-        self._token = None
+        _core.pop(frame)
         if frame.action is _JOIN:
             _core.exit_frame(frame.session, frame, exc)  # no I/O: marks the owner at most
             return
@@ -109,9 +129,9 @@ class AsyncScope:
             await self._cleanup_cancelled(frame, None)
             raise
         except sa_exc.TimeoutError as err:
+            if self._manager is None:
+                raise
             raise self._manager._pool_exhausted(err) from err
-        if exc is not None and isinstance(exc, sa_exc.TimeoutError) and frame.action is _NEW:
-            raise self._manager._pool_exhausted(exc) from exc
         for callback in callbacks:
             try:
                 result = callback()
@@ -119,6 +139,13 @@ class AsyncScope:
                     await result
             except Exception as err:
                 log_callback_error(callback, err)
+        if (
+            exc is not None
+            and isinstance(exc, sa_exc.TimeoutError)
+            and frame.action is _NEW
+            and self._manager is not None
+        ):
+            raise self._manager._pool_exhausted(exc) from exc
 
     async def _cleanup_cancelled(self, frame: _core.Frame, exc: BaseException | None) -> None:
         if frame.stats is not None and frame.action is Action.NEW:
@@ -156,16 +183,17 @@ def _log_cleanup_error(err: BaseException | None) -> None:
 
 
 async def acall_with_retry(
-    manager: SessionManager,
+    manager: SessionManager | None,
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], Awaitable[T]],
+    joined: bool,
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
-    token = _core.enter_retry_boundary(cfg)
+    token = _core.enter_retry_boundary(cfg, joined)
     if token is None:
         return await call()
-    stats = manager.stats if cfg.enable_monitoring else None
+    stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
         while True:
@@ -190,25 +218,26 @@ def decorate_async(
     injection, signature, name = prepare(
         func, overrides, is_async=True, session_types=(AsyncSession,)
     )
+    detached = detached_config(overrides)
     key = options_key(overrides)
     requires_new = overrides.get("propagation") == "requires_new"
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
-        manager = get_manager()
-        cfg = manager._resolve(key, overrides)
         explicit = injection.explicit(args, kwargs)
+        manager = scope_manager(get_manager, explicit is not None)
+        cfg = manager._resolve(key, overrides) if manager is not None else detached
 
         async def once() -> T:
             async with AsyncScope(manager, cfg, explicit, name) as session:
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return await func(*call_args, **call_kwargs)
 
-        if explicit is None and (
-            requires_new or _core.current_frame(_core.context_key(), True, manager) is None
-        ):
-            return await acall_with_retry(manager, cfg, name, once)
-        return await once()
+        joined = explicit is not None or (
+            not requires_new
+            and _core.current_frame(_core.context_key(), True, manager) is not None
+        )
+        return await acall_with_retry(manager, cfg, name, once, joined)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
-__all__ = ["PROPAGATIONS", "Propagation", "SessionConfig", "validate_overrides"]
+__all__ = ["PROPAGATIONS", "ChildTasks", "Propagation", "SessionConfig", "validate_overrides"]
 
 Propagation = Literal["required", "nested", "requires_new", "mandatory", "never"]
+ChildTasks = Literal["independent", "forbid"]
 PROPAGATIONS: Final = frozenset({"required", "nested", "requires_new", "mandatory", "never"})
 _LOG_LEVELS: Final = {
     "DEBUG": logging.DEBUG,
@@ -76,6 +77,17 @@ class SessionConfig:
     """A transaction longer than this many seconds counts as slow and is logged."""
     long_session_warning: float | None = 60.0
     """Warn once (with where it was opened) about a session held longer than this."""
+    expected_errors: tuple[type[BaseException], ...] = ()
+    """Exception classes that end a scope as an expected outcome, not a failure:
+    the scope rolls back, logs at DEBUG and counts as rolled back, not failed."""
+    expected_status_below: int = 500
+    """An exception with an int HTTP status below this (``status_code`` of
+    FastAPI/Starlette/Litestar ``HTTPException``, werkzeug's ``code``) is an
+    expected client error, treated like ``expected_errors``; 0 turns it off."""
+    child_tasks: ChildTasks = "independent"
+    """What a scope opened in a child asyncio task does while its parent task's
+    scope is active: ``"independent"`` opens its own session, committed on its
+    own (noted at DEBUG); ``"forbid"`` raises :class:`ActiveScopeError`."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +122,28 @@ class SessionConfig:
             raise ValueError(
                 f"unknown propagation {self.propagation!r}; use one of "
                 f"{', '.join(sorted(PROPAGATIONS))}"
+            )
+        if not isinstance(self.expected_errors, tuple) or not all(
+            isinstance(c, type) and issubclass(c, BaseException) for c in self.expected_errors
+        ):
+            raise TypeError(
+                "expected_errors must be a tuple of exception classes, got "
+                f"{self.expected_errors!r}"
+            )
+        if isinstance(self.expected_status_below, bool) or not isinstance(
+            self.expected_status_below, int
+        ):
+            raise TypeError(
+                f"expected_status_below must be an int, got {self.expected_status_below!r}"
+            )
+        if not 0 <= self.expected_status_below <= 600:
+            raise ValueError(
+                "expected_status_below must be an HTTP status from 0 (off) to 600, got "
+                f"{self.expected_status_below}"
+            )
+        if self.child_tasks not in ("independent", "forbid"):
+            raise ValueError(
+                f'child_tasks must be "independent" or "forbid", got {self.child_tasks!r}'
             )
         if self.isolation_level is not None and not isinstance(self.isolation_level, str):
             raise TypeError(f"isolation_level must be a str or None, got {self.isolation_level!r}")

@@ -5,22 +5,44 @@ that do I/O through ``AsyncSession.run_sync`` (SQLAlchemy's greenlet bridge), so
 every enter/exit decision exists in exactly one place.
 
 A scope is represented by a :class:`Frame`. The innermost frame of the current
-thread or asyncio task lives in a ``ContextVar``; frames form a chain through
-``parent``. Frames remember the thread or task that opened them (``key``), so a
-child task that inherits the context never joins its parent's session by
-accident: sessions are not safe for concurrent use.
+context lives in the ``stack`` ``ContextVar``; frames are linked through
+``below``. Which frames a lookup may see (the rules of docs/design.md,
+"Scope integrity"):
+
+* Frames remember the thread or asyncio task that opened them (``key``): a
+  child task that inherits the context never joins its parent's session by
+  accident (sessions are not safe for concurrent use). The one exception is
+  the task ``asyncio.wait_for`` makes on Python < 3.12, which stands for its
+  caller as it does on 3.12+, where ``wait_for`` runs in the caller's task.
+* A frame opened inside a generator (sync or async) is seen only while that
+  generator runs, unless the generator is a context manager
+  (``@contextmanager``): then the ``with`` body is its scope.
+* A closed frame is never seen, whatever context still points at it: a scope
+  can end in another context or task than it began in (a generator finalized
+  later, FastAPI's sync generator dependencies), and nothing may join it then.
+
+The body's own ``session.commit()`` / ``session.rollback()`` are followed with
+session events (:func:`install_session_events`, once per session class): a
+commit marks the retry boundary so the unit is never re-run, a rollback of a
+transaction the current scope does not own spoils the owner, and a commit of a
+transaction that must not commit is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import inspect
 import logging
+import sys
 import time
-from asyncio import current_task
+from asyncio import Task, current_task
 from asyncio.events import _get_running_loop
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from threading import get_ident
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -28,6 +50,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _watch
 from ._errors import (
+    ActiveScopeError,
     CommitOutcomeUnknownError,
     NoActiveScopeError,
     PoolExhaustedError,
@@ -43,18 +66,27 @@ if TYPE_CHECKING:
     from ._stats import Stats
 
 __all__ = [
+    "Boundary",
     "Frame",
+    "FrameState",
+    "Veto",
     "abort_frame",
     "begin_savepoint",
     "context_key",
     "current_frame",
     "enter_retry_boundary",
+    "entered_in_generator",
     "exit_frame",
     "find_outer",
+    "install_session_events",
+    "internal_rollback",
+    "logger",
     "new_frame",
     "next_retry",
     "on_commit",
     "pool_exhausted",
+    "pop",
+    "push",
     "record_retry",
     "require_owner",
     "retry_boundary",
@@ -71,18 +103,77 @@ Callback = Callable[[], Any]
 # the per-scope paths compare against these module constants instead.
 _NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT
 
+
+class FrameState(enum.Enum):
+    """Where a frame is in its life."""
+
+    ACTIVE = "active"
+    """Entered; the body runs."""
+    ENDING = "ending"
+    """sessionscope itself is committing, rolling back or closing it."""
+    CLOSED = "closed"
+    """Ended: no lookup sees it again."""
+
+
+class Veto(enum.IntEnum):
+    """Why an owning frame must not commit, weakest first."""
+
+    DOOMED = 1
+    """``set_rollback(True)``: roll back quietly."""
+    ROLLBACK_ONLY = 2
+    """An exception escaped a joined inner scope: its work is partial."""
+    SPOILED = 3
+    """The body rolled back the transaction inside a scope that does not own it."""
+
+
+_ACTIVE, _ENDING, _CLOSED = FrameState.ACTIVE, FrameState.ENDING, FrameState.CLOSED
+_DOOMED, _ROLLBACK_ONLY, _SPOILED = Veto.DOOMED, Veto.ROLLBACK_ONLY, Veto.SPOILED
+
 stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
-# The context key (thread or task) running a retry loop: decorated functions and
-# with_retry() calls it runs leave retrying to that outer boundary instead of
-# nesting retry loops. Keyed like frames, so a child task (which inherits the
-# context) retries its own unit of work instead of having its parent re-run
-# siblings that already committed.
-retry_boundary: ContextVar[object] = ContextVar("sessionscope_retrying", default=None)
 # Set by a framework adapter (sessionscope.fastapi) while it serves one caller with
 # sync code spread over pool threads: that code is identified by the caller, not by
 # whichever worker thread runs it, so it joins the caller's sync scope. Only threads
 # consult it; asyncio tasks keep their own identity, so child tasks never share.
 worker_key: ContextVar[object | None] = ContextVar("sessionscope_worker_key", default=None)
+
+
+class Boundary:
+    """The retry loop of one caller (thread or task). ``committed`` turns True as
+    soon as anything under it committed (a scope of its own, ``requires_new``
+    work, or the body's ``session.commit()``): from then on the unit of work is
+    no longer atomic and is never re-run."""
+
+    __slots__ = ("committed", "key")
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.committed = False
+
+
+retry_boundary: ContextVar[Boundary | None] = ContextVar("sessionscope_retrying", default=None)
+
+_SESSION_FRAME: Final = "sessionscope_frame"  # session.info key: the owning NEW frame
+
+# A scope entered in a generator resumed by one of these is the ``with`` block's
+# scope (``@contextmanager`` / ``@asynccontextmanager``), not the generator's own.
+_GENERATOR_FLAGS: Final = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def _context_manager_entries() -> frozenset[object]:
+    def gen() -> Iterator[None]:
+        yield
+
+    async def agen() -> Any:
+        yield
+
+    sync_cm = type(contextlib.contextmanager(gen)())
+    async_cm = type(contextlib.asynccontextmanager(agen)())
+    return frozenset({sync_cm.__enter__.__code__, async_cm.__aenter__.__code__})
+
+
+_CM_ENTRIES: Final = _context_manager_entries()
+# asyncio.wait_for runs its awaitable in a new task before Python 3.12.
+_WAIT_FOR_TASK: Final = sys.version_info < (3, 12)
 
 
 class Frame:
@@ -94,32 +185,40 @@ class Frame:
     lookups walk ``below``, so a scope of one manager nested in another's still
     finds the outer scope of its own manager. ``owner`` is the innermost frame
     that owns a transaction or savepoint (itself for NEW and SAVEPOINT frames); a
-    JOIN frame on a session sessionscope did not open has no owner. ``front`` is
-    what the user sees: the ``Session``, or the ``AsyncSession`` whose
-    ``sync_session`` is ``session``.
+    JOIN frame on a session sessionscope did not open has no owner. ``root`` is
+    the NEW frame that owns the session (None for a session sessionscope did not
+    open); it lists the JOIN and SAVEPOINT frames active on its session in
+    ``inner``. ``front`` is what the user sees: the ``Session``, or the
+    ``AsyncSession`` whose ``sync_session`` is ``session``. ``generator`` is the
+    generator frame the scope was entered in, when only that generator may see it.
     """
 
     __slots__ = (
         "action",
         "below",
+        "boundary",
         "callbacks",
         "cause",
         "cfg",
-        "done",
-        "doomed",
+        "commit_in_flight",
+        "culprit",
         "due",
         "front",
         "function",
+        "generator",
+        "inner",
         "is_async",
         "key",
         "manager",
         "owner",
         "parent",
-        "rollback_only",
+        "root",
         "savepoint",
         "session",
         "started",
+        "state",
         "stats",
+        "veto",
     )
 
     def __init__(
@@ -145,17 +244,33 @@ class Frame:
         self.is_async = front is not session and front is not None
         self.stats = stats
         self.function = function
-        self.owner: Frame | None = (
-            self if action is not _JOIN else (parent.owner if parent is not None else None)
-        )
-        self.savepoint: SessionTransaction | None = None
-        self.rollback_only = False
-        self.doomed = False
-        self.done = False
+        if action is _NEW:
+            self.owner: Frame | None = self
+            self.root: Frame | None = self
+        elif parent is None:  # a JOIN standing for a session sessionscope did not open
+            self.owner = self.root = None
+        else:
+            self.owner = self if action is _SAVEPOINT else parent.owner
+            self.root = parent.root
+        self.state = _ACTIVE
+        self.veto: Veto | None = None
         self.cause: BaseException | None = None
+        self.savepoint: SessionTransaction | None = None
         self.callbacks: list[Callback] | None = None
         self.due: list[Callback] | None = None  # callbacks whose COMMIT already happened
+        self.inner: list[Frame] | None = None
+        self.generator: FrameType | None = None
+        self.boundary: Boundary | None = None
+        self.commit_in_flight = False
+        self.culprit: str | None = None  # the scope whose body spoiled this one
         self.started = 0.0
+
+    def forbid(self, veto: Veto, cause: BaseException | None) -> None:
+        """Keep this owning frame from committing; a stronger reason replaces a
+        weaker one, never the reverse."""
+        if self.veto is None or veto > self.veto:
+            self.veto = veto
+            self.cause = cause
 
 
 def context_key() -> object:
@@ -169,21 +284,93 @@ def context_key() -> object:
     return key if key is not None else get_ident()
 
 
+def _same_caller(frame_key: object, key: object) -> bool:
+    if frame_key == key:
+        return True
+    # Python < 3.12: the task asyncio.wait_for made to run its awaitable acts
+    # for the task waiting in wait_for, as the same code does on 3.12+.
+    return (
+        _WAIT_FOR_TASK
+        and isinstance(key, Task)
+        and isinstance(frame_key, Task)
+        and _waits_for(frame_key, key)
+    )
+
+
+def _waits_for(waiter: Task[Any], task: Task[Any]) -> bool:
+    if waiter.done():
+        return False
+    frames = waiter.get_stack()
+    if not frames:
+        return False
+    innermost = frames[-1]
+    return (
+        innermost.f_code.co_name == "wait_for"
+        and innermost.f_globals.get("__name__") == "asyncio.tasks"
+        and innermost.f_locals.get("fut") is task
+    )
+
+
+def entered_in_generator(caller: FrameType) -> FrameType | None:
+    """The generator frame a scope is being entered from, when the scope must be
+    seen only inside that generator; None for ordinary code and for generators
+    used as context managers. ``caller`` is the frame running the ``with``."""
+    if not caller.f_code.co_flags & _GENERATOR_FLAGS:
+        return None
+    resumer = caller.f_back
+    if resumer is not None and resumer.f_code in _CM_ENTRIES:
+        return None
+    return caller
+
+
+def _running(generator: FrameType) -> bool:
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame is generator:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _live(frame: Frame | None) -> Frame | None:
+    while frame is not None and frame.state is _CLOSED:
+        frame = frame.below
+    return frame
+
+
 def current_frame(
     key: object, is_async: bool | None = None, manager: object = None
 ) -> Frame | None:
-    """The innermost frame opened by ``key`` (from :func:`context_key`), of the given
-    kind (sync or async; either if None) and manager (any if None). Sync and async
-    scopes never join each other: an ``AsyncSession`` cannot serve blocking code,
-    nor the reverse; nor do scopes of different managers (databases)."""
+    """The innermost frame opened by ``key`` (from :func:`context_key`) that is
+    visible here, of the given kind (sync or async; either if None) and manager
+    (any if None). Sync and async scopes never join each other: an
+    ``AsyncSession`` cannot serve blocking code, nor the reverse; nor do scopes
+    of different managers (databases)."""
     frame = stack.get()
-    while frame is not None and (
-        frame.key != key
-        or (is_async is not None and frame.is_async is not is_async)
-        or (manager is not None and frame.manager is not manager)
-    ):
+    while frame is not None:
+        if (
+            frame.state is not _CLOSED
+            and (is_async is None or frame.is_async is is_async)
+            and (manager is None or frame.manager is manager)
+            and _same_caller(frame.key, key)
+            and (frame.generator is None or _running(frame.generator))
+        ):
+            return frame
         frame = frame.below
-    return frame
+    return None
+
+
+def _foreign_task_frame(key: object) -> Frame | None:
+    """An active frame of another asyncio task in this context: the parent's
+    scope, seen by a child task that inherited the context."""
+    if not isinstance(key, Task):
+        return None
+    frame = stack.get()
+    while frame is not None:
+        if frame.state is not _CLOSED and isinstance(frame.key, Task) and frame.key is not key:
+            return frame
+        frame = frame.below
+    return None
 
 
 def find_outer(
@@ -191,17 +378,20 @@ def find_outer(
 ) -> Frame | None:
     """The frame a new scope relates to.
 
-    With an explicit session: the frame that holds it, whoever opened it, or a
-    detached JOIN frame standing for a session sessionscope did not open (its
-    transaction belongs to the caller; nothing marks it rollback-only).
+    With an explicit session: the active frame that holds it, whoever opened it,
+    or a detached JOIN frame standing for a session sessionscope did not open
+    (its transaction belongs to the caller; nothing marks it rollback-only).
     """
     if explicit is None:
         return current_frame(key, is_async, manager)
     frame = stack.get()
     while frame is not None:
-        if frame.session is explicit:
+        if frame.session is explicit and frame.state is not _CLOSED:
             return frame
         frame = frame.below
+    root: Frame | None = explicit.info.get(_SESSION_FRAME)
+    if root is not None and root.state is not _CLOSED:
+        return root  # a scope of another context (a worker thread's request scope)
     return Frame(Action.JOIN, explicit, None, None, _DETACHED_CFG, key, None, None)
 
 
@@ -214,19 +404,27 @@ def new_frame(
     function: str | None,
     explicit_front: Any = None,
     manager: object = None,
+    generator: FrameType | None = None,
 ) -> Frame:
-    """Decide what a scope does (raising for mandatory/never/durable) and build
-    its frame. Opens a ``Session`` object for NEW, which touches no connection.
-    The caller pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
+    """Decide what a scope does (raising for mandatory/never/durable and, with
+    ``child_tasks="forbid"``, for a child task's scope) and build its frame.
+    Opens a ``Session`` object for NEW, which touches no connection. The caller
+    pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
     """
     if outer is None and cfg.propagation != "mandatory":
         action = _NEW  # what decide() answers for every other propagation here
     else:
         action = decide(cfg.propagation, outer is not None, cfg.durable)
     if action is _NEW:
+        if outer is None and stack.get() is not None:
+            _check_child_task(cfg, key, function)
         session, front = open_session(cfg)
         frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
-        frame.below = stack.get()
+        frame.generator = generator
+        session.info[_SESSION_FRAME] = frame
+        boundary = retry_boundary.get()
+        if boundary is not None and _same_caller(boundary.key, key):
+            frame.boundary = boundary
         frame.started = started = time.perf_counter()
         if stats is not None:
             if cfg.long_session_warning is None:
@@ -243,9 +441,56 @@ def new_frame(
     assert outer is not None  # decide() returns NEW when there is no outer frame
     front = outer.front if outer.front is not None else explicit_front
     frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
-    frame.below = stack.get()
+    frame.generator = generator
+    root = frame.root
+    if root is not None:
+        if root.inner is None:
+            root.inner = []
+        root.inner.append(frame)
     frame.started = time.perf_counter()
     return frame
+
+
+def _check_child_task(cfg: SessionConfig, key: object, function: str | None) -> None:
+    if cfg.child_tasks == "independent" and not (
+        logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG
+    ):
+        return
+    parent = _foreign_task_frame(key)
+    if parent is None:
+        return
+    if cfg.child_tasks == "forbid":
+        raise ActiveScopeError(
+            f"{function or 'a scope'} opens its own session in a child task while "
+            f"the scope of its parent task ({parent.function or 'scope'}) is active; "
+            "the child's work would commit on its own even if the parent then fails "
+            '(child_tasks="forbid"). Await the work in the parent task, pass the '
+            "parent's session explicitly and run one statement at a time, or set "
+            'child_tasks="independent" for this scope if independent commits are intended.'
+        )
+    logger.debug(
+        "%s runs in a child task: it opens its own session and commits independently "
+        "of the parent task's active scope (%s)",
+        function or "scope",
+        parent.function or "scope",
+    )
+
+
+def push(frame: Frame) -> None:
+    """Make ``frame`` the innermost frame of the current context."""
+    frame.below = _live(stack.get())
+    stack.set(frame)
+
+
+def pop(frame: Frame) -> None:
+    """Take ``frame`` off the current context if it is the innermost frame there.
+
+    A frame ending in another context (a generator finalized elsewhere, a
+    dependency exited in another worker thread) leaves that context alone: the
+    frame is closed by its exit, and lookups skip closed frames.
+    """
+    if stack.get() is frame:
+        stack.set(_live(frame.below))
 
 
 def begin_savepoint(session: Session, frame: Frame) -> None:
@@ -258,30 +503,39 @@ def begin_savepoint(session: Session, frame: Frame) -> None:
 def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
     """Finish a frame: the whole exit decision table.
 
-    Returns the ``on_commit`` callbacks to run now (after an outermost COMMIT);
-    the caller runs them outside any transaction. Raises the COMMIT error,
-    :class:`RollbackOnlyError`, or :class:`CommitOutcomeUnknownError` when the
-    scope body succeeded; when the body raised, cleanup errors are logged and
-    never shadow the body's exception.
+    Returns the ``on_commit`` callbacks to run now (after an outermost COMMIT,
+    or committed by the body itself); the caller runs them outside any
+    transaction. Raises the COMMIT error, :class:`RollbackOnlyError`, or
+    :class:`CommitOutcomeUnknownError` when the scope body succeeded; when the
+    body raised, cleanup errors are logged and never shadow the body's exception.
     """
+    if frame.state is not _ACTIVE:
+        return []
     action = frame.action
+    if action is _NEW:
+        return _exit_root(session, frame, exc)
+    frame.state = _CLOSED
+    frame.generator = None
+    root = frame.root
+    if root is not None and root.inner:
+        # Not always the last one: generators can end in any order.
+        with contextlib.suppress(ValueError):
+            root.inner.remove(frame)
     if action is _JOIN:
         if exc is not None and frame.cfg.auto_rollback and frame.owner is not None:
             _mark_rollback_only(frame.owner, exc)
         if frame.function is not None and frame.stats is not None:
-            _record_call(frame, exc is not None)
+            _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
         return []
-    if action is _SAVEPOINT:
-        try:
-            _exit_savepoint(frame, exc)
-        except BaseException:
-            if frame.function is not None and frame.stats is not None:
-                _record_call(frame, True)
-            raise
+    try:
+        _exit_savepoint(frame, exc)
+    except BaseException:
         if frame.function is not None and frame.stats is not None:
-            _record_call(frame, exc is not None)
-        return []
-    return _exit_root(session, frame, exc)
+            _record_call(frame, True)
+        raise
+    if frame.function is not None and frame.stats is not None:
+        _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
+    return []
 
 
 def _record_call(frame: Frame, failed: bool) -> None:
@@ -292,14 +546,31 @@ def _record_call(frame: Frame, failed: bool) -> None:
 
 
 def _mark_rollback_only(owner: Frame, exc: BaseException) -> None:
-    if not owner.rollback_only:
-        owner.rollback_only = True
-        owner.cause = exc
+    if owner.veto is None or owner.veto < _ROLLBACK_ONLY:
+        owner.forbid(_ROLLBACK_ONLY, exc)
         if logger.isEnabledFor(logging.DEBUG) and owner.cfg.log_levelno <= logging.DEBUG:
             logger.debug(
                 "transaction marked rollback-only by %s escaping a joined scope",
                 type(exc).__name__,
             )
+
+
+def _is_expected(cfg: SessionConfig, exc: BaseException) -> bool:
+    """An exception that ends a scope as an expected outcome, not a failure: a
+    client error of a web framework (an int ``status_code``, or werkzeug's
+    ``code``, below ``expected_status_below``), a class of ``expected_errors``,
+    or an abandoned generator (``GeneratorExit``)."""
+    if isinstance(exc, GeneratorExit):
+        return True
+    if cfg.expected_errors and isinstance(exc, cfg.expected_errors):
+        return True
+    limit = cfg.expected_status_below
+    if not limit:
+        return False
+    status = getattr(exc, "status_code", None)
+    if status is None and type(exc).__module__.startswith("werkzeug"):
+        status = getattr(exc, "code", None)
+    return isinstance(status, int) and not isinstance(status, bool) and 0 < status < limit
 
 
 def _promote_callbacks(frame: Frame) -> None:
@@ -316,22 +587,30 @@ def _promote_callbacks(frame: Frame) -> None:
     if target.callbacks is None:
         target.callbacks = []
     target.callbacks.extend(frame.callbacks)
+    frame.callbacks = None
 
 
 def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
     savepoint = frame.savepoint
-    keep = (exc is None and not frame.rollback_only and not frame.doomed) or (
-        exc is not None and not frame.cfg.auto_rollback
-    )
+    frame.savepoint = None
+    keep = (exc is None and frame.veto is None) or (exc is not None and not frame.cfg.auto_rollback)
     stats = frame.stats
+    if savepoint is not None and not _is_open(frame.session, savepoint):
+        # The body committed or rolled back the whole transaction meanwhile; its
+        # session events already settled this savepoint's callbacks and, for a
+        # rollback, spoiled the owner. Nothing is left to release or undo.
+        if stats is not None:
+            stats.savepoint_ended(rolled_back=not keep)
+        return
     if keep:
-        if savepoint is not None and _is_open(frame.session, savepoint):
+        if savepoint is not None:
             try:
                 # A savepoint deactivated by a failed flush raises here instead of
                 # looking released: its work is gone and the caller must know.
                 savepoint.commit()
             except BaseException as err:
                 _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
+                frame.callbacks = None
                 if stats is not None:
                     stats.savepoint_ended(rolled_back=True)
                 if exc is None:
@@ -350,9 +629,10 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
             logger.debug("savepoint released (%s)", frame.function or "scope")
         return
+    frame.callbacks = None
     # Roll back even a savepoint a failed flush deactivated: only that closes it
     # and hands the session back to the enclosing transaction.
-    if savepoint is not None and _is_open(frame.session, savepoint):
+    if savepoint is not None:
         if exc is None:
             savepoint.rollback()
         else:
@@ -365,7 +645,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             frame.function or "scope",
             f" after {type(exc).__name__}" if exc is not None else "",
         )
-    if exc is None and frame.rollback_only:
+    if exc is None and frame.veto is _ROLLBACK_ONLY:
         raise RollbackOnlyError(
             "the savepoint scope was rolled back instead of released: an exception "
             f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
@@ -377,7 +657,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
 def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
     """True while ``savepoint`` is still part of the session's transaction chain
     (active, or deactivated by a failed flush and awaiting its rollback); False
-    once closed, e.g. after the user rolled back the whole session."""
+    once closed, e.g. after the body committed or rolled back the whole session."""
     transaction = session.get_nested_transaction()
     while transaction is not None:
         if transaction is savepoint:
@@ -388,57 +668,105 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
 
 def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
     cfg = frame.cfg
+    frame.state = _ENDING
+    frame.generator = None
     committed = False
-    failed = exc is not None
+    failed = exc is not None and not _is_expected(cfg, exc)
     callbacks: list[Callback] = []
     if exc is not None and cfg.log_levelno <= logging.WARNING:
-        _log_failure(frame, exc, at_exit=False)
+        _log_failure(frame, exc, at_exit=False, expected=not failed)
     try:
+        veto = frame.veto
         if exc is None:
-            if frame.rollback_only:
+            if veto is _ROLLBACK_ONLY or veto is _SPOILED:
                 failed = True
                 if session.in_transaction():
                     session.rollback()
+                callbacks = frame.due or []
                 if cfg.auto_commit:
-                    raise RollbackOnlyError(
-                        "the transaction was rolled back instead of committed: an "
-                        f"exception ({type(frame.cause).__name__}) escaped a joined inner "
-                        "scope, so its work was partial. Catch the error inside the "
-                        "inner scope, or give the inner scope "
-                        'propagation="nested" so its failure is contained.'
-                    ) from frame.cause
-            elif cfg.auto_commit and not frame.doomed:
+                    raise _rollback_only_error(frame)
+            elif frame.commit_in_flight:
+                # The body's own COMMIT was cut off, and the body went on: the
+                # server may or may not have committed, whatever follows.
+                failed = True
                 if session.in_transaction():
-                    _commit(session)
+                    _quietly(session.rollback, "rolling back after a lost COMMIT")
+                raise CommitOutcomeUnknownError(
+                    "session.commit() called in the scope body failed and the body went "
+                    "on without rolling back; if the connection was lost, the server may "
+                    "or may not have committed. The rest of the scope was rolled back. "
+                    "This is never retried: check the data (or use an idempotency key) "
+                    "before running the work again."
+                )
+            elif cfg.auto_commit and veto is None:
+                if session.in_transaction():
+                    _commit(session, frame)
                 # else nothing is pending (the body committed itself, or sent
                 # nothing): it counts as a successful commit all the same.
                 committed = True
+                if frame.boundary is not None:
+                    frame.boundary.committed = True
                 callbacks = (frame.due or []) + (frame.callbacks or [])
-            elif frame.due:
-                callbacks = frame.due  # committed by the body before the rollback
-            # Otherwise (auto_commit=False, set_rollback(True)): close() below
-            # returns the connection, whose reset rolls the work back.
-        elif cfg.auto_rollback and session.in_transaction():
-            _quietly(session.rollback, "rolling back after an exception")
+            else:
+                # auto_commit=False or set_rollback(True): close() below returns
+                # the connection, whose reset rolls the work back. Callbacks
+                # whose COMMIT the body made itself still run.
+                callbacks = frame.due or []
+        else:
+            callbacks = frame.due or []
+            if cfg.auto_rollback and session.in_transaction():
+                _quietly(session.rollback, "rolling back after an exception")
+            if frame.commit_in_flight and is_disconnect(exc):
+                raise CommitOutcomeUnknownError(
+                    "the connection was lost while session.commit() called in the scope "
+                    "body was in flight; the server may or may not have committed. This "
+                    "is never retried: check the data (or use an idempotency key) before "
+                    "running the work again."
+                ) from exc
     except BaseException as err:
         failed = True
         if cfg.log_levelno <= logging.WARNING:
-            _log_failure(frame, err, at_exit=True)
+            _log_failure(frame, err, at_exit=True, expected=False)
         raise
     finally:
         _close(session, frame, committed=committed, failed=failed)
     return callbacks
 
 
-def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool) -> None:
+def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
+    if frame.veto is _SPOILED:
+        return RollbackOnlyError(
+            "the transaction was rolled back instead of committed: session.rollback() "
+            f"was called inside a joined or nested scope ({frame.culprit}), which "
+            "rolled back this scope's whole transaction; committing what came after it "
+            "would commit partial work. Let the error propagate instead of rolling back "
+            'there, or give that scope propagation="nested" and let the exception '
+            "escape it to undo just its own work."
+        )
+    err = RollbackOnlyError(
+        "the transaction was rolled back instead of committed: an exception "
+        f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
+        "was partial. Catch the error inside the inner scope, or give the inner "
+        'scope propagation="nested" so its failure is contained.'
+    )
+    err.__cause__ = frame.cause
+    return err
+
+
+def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool, expected: bool) -> None:
     """Log why a transaction did not commit: the error class and code only, since
     an error's text can hold SQL and bound parameters."""
     name = frame.function or "scope"
-    if isinstance(err, RollbackOnlyError):
+    if expected:
+        if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+            logger.debug("transaction of %s rolled back: %s", name, type(err).__name__)
+    elif isinstance(err, RollbackOnlyError):
         logger.warning(
-            "transaction of %s rolled back: an exception (%s) escaped a joined inner scope",
+            "transaction of %s rolled back: %s",
             name,
-            type(err.__cause__).__name__,
+            "the body rolled back a transaction its scope does not own"
+            if frame.veto is _SPOILED
+            else f"an exception ({type(err.__cause__).__name__}) escaped a joined inner scope",
         )
     elif isinstance(err, CommitOutcomeUnknownError):
         cause = err.__cause__
@@ -455,7 +783,7 @@ def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool) -> None:
         logger.info("transaction of %s rolled back: %s", name, type(err).__name__)
 
 
-def _commit(session: Session) -> None:
+def _commit(session: Session, frame: Frame) -> None:
     # Flush first: a failure there happened before COMMIT was sent, so its
     # outcome is known (nothing committed) and a transient one may be retried.
     session.flush()
@@ -463,6 +791,8 @@ def _commit(session: Session) -> None:
         session.commit()
     except sa_exc.DBAPIError as err:
         if is_disconnect(err):
+            if frame.boundary is not None:
+                frame.boundary.committed = True
             raise CommitOutcomeUnknownError(
                 f"the connection was lost while COMMIT was in flight ({describe(err)}); "
                 "the server may or may not have committed. This is never retried: "
@@ -488,15 +818,17 @@ def _commit(session: Session) -> None:
 def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> None:
     """Close the session and record the outcome; invalidate the connection if the
     close itself fails, so no connection stays checked out or idle in transaction."""
-    if frame.done:
+    if frame.state is _CLOSED:
         return
-    frame.done = True
+    frame.state = _CLOSED
     try:
         session.close()
     except BaseException:
         _quietly(session.invalidate, "invalidating a connection whose close failed")
         raise
     finally:
+        session.info.pop(_SESSION_FRAME, None)
+        frame.inner = None
         now = time.perf_counter()
         duration = now - frame.started
         stats = frame.stats
@@ -531,7 +863,7 @@ def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> 
 def abort_frame(session: Session, frame: Frame) -> None:
     """Last-resort cleanup after the normal exit was itself interrupted (a second
     cancellation): drop the connection without any I/O and record the end."""
-    if frame.action is not Action.NEW or frame.done:
+    if frame.action is not Action.NEW or frame.state is _CLOSED:
         return
     _quietly(session.invalidate, "invalidating the connection of an interrupted scope")
     _close(session, frame, committed=False, failed=True)
@@ -572,50 +904,150 @@ def require_owner(what: str, manager: object = None) -> Frame:
 
 
 def on_commit(callback: Callback, manager: object = None) -> None:
-    """Queue ``callback`` on the innermost owning scope (see ``sessionscope.on_commit``)."""
+    """Queue ``callback`` on the innermost owning scope (see ``sessionscope.on_commit``).
+
+    Raises ``TypeError`` for a coroutine function in a sync scope: nothing
+    there could await it.
+    """
+    if not callable(callback):
+        raise TypeError(f"on_commit() takes a callable, got {type(callback).__name__}")
     owner = require_owner("on_commit()", manager)
+    if not owner.is_async and inspect.iscoroutinefunction(callback):
+        raise TypeError(
+            f"on_commit() got the coroutine function {_callable_name(callback)} in a sync "
+            "scope, where nothing can await it; pass a regular function, or register it "
+            "in an async scope"
+        )
     if owner.callbacks is None:
         owner.callbacks = []
-        if owner.action is _NEW and owner.due is None:
-            _track_commits(owner)
     owner.callbacks.append(callback)
 
 
-def _track_commits(frame: Frame) -> None:
-    """Follow COMMITs and ROLLBACKs the body issues itself on the scope's session,
-    so callbacks run after the COMMIT that made their work durable and are dropped
-    by a rollback. Installed only once a scope registers a callback."""
-    frame.due = []
-
-    def _after_commit(session: Session) -> None:
-        if frame.callbacks:
-            assert frame.due is not None
-            frame.due.extend(frame.callbacks)
-            frame.callbacks = None
-
-    def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
-        if previous.parent is None:  # the whole transaction, not a savepoint
-            frame.callbacks = None
-
-    event.listen(frame.session, "after_commit", _after_commit)
-    event.listen(frame.session, "after_soft_rollback", _after_soft_rollback)
+def _callable_name(callback: Callback) -> str:
+    return str(getattr(callback, "__qualname__", type(callback).__qualname__))
 
 
 def set_rollback(rollback: bool, manager: object = None) -> None:
-    """Doom or un-doom the innermost owning scope (see ``sessionscope.set_rollback``)."""
-    require_owner("set_rollback()", manager).doomed = rollback
+    """Doom or un-doom the innermost owning scope (see ``sessionscope.set_rollback``).
+
+    Un-dooming never lifts a stronger reason not to commit (rollback-only).
+    """
+    owner = require_owner("set_rollback()", manager)
+    if rollback:
+        owner.forbid(_DOOMED, None)
+    elif owner.veto is _DOOMED:
+        owner.veto = None
 
 
-def enter_retry_boundary(cfg: SessionConfig) -> Token[object] | None:
-    """Make the caller the retrying boundary of this thread or task; None if it
-    must call once instead (retry disabled, or an outer boundary already retries:
-    a part of a unit of work is never re-run alone). Reset the returned token."""
-    if cfg.retry_attempts == 0:
+# -- the body's own COMMIT and ROLLBACK ------------------------------------------
+
+
+def install_session_events(session_class: type[Session]) -> None:
+    """Follow COMMITs and ROLLBACKs issued by scope bodies on sessions of
+    ``session_class`` (a class of the manager's own, so no other session pays
+    for it). Sessions sessionscope did not open are left alone."""
+    event.listen(session_class, "before_commit", _before_commit)
+    event.listen(session_class, "after_commit", _after_commit)
+    event.listen(session_class, "after_soft_rollback", _after_soft_rollback)
+
+
+def _body_root(session: Session) -> Frame | None:
+    # The owning frame when the body (not sessionscope) acts on the whole
+    # transaction; savepoint-level events are the savepoint frames' business.
+    root: Frame | None = session.info.get(_SESSION_FRAME)
+    if root is None or root.state is not _ACTIVE:
+        return None
+    return root
+
+
+def _before_commit(session: Session) -> None:
+    root = _body_root(session)
+    if root is None or session.in_nested_transaction():
+        return
+    for frame in (root, *(root.inner or ())):
+        if frame.veto is not None and frame.owner is frame:
+            raise RollbackOnlyError(
+                "session.commit() was refused: this transaction "
+                + (
+                    "was marked to roll back with set_rollback(True)"
+                    if frame.veto is _DOOMED
+                    else "must roll back (a joined step failed, or the body rolled it back "
+                    "inside a scope that does not own it)"
+                )
+                + ", so committing would make partial work durable. Nothing was "
+                "committed; let the error propagate, or roll back instead."
+            ) from frame.cause
+    root.commit_in_flight = True
+    if root.boundary is not None:
+        # From here on the unit is no longer atomic: never re-run it.
+        root.boundary.committed = True
+
+
+def _after_commit(session: Session) -> None:
+    root = _body_root(session)
+    if root is None or session.in_nested_transaction():
+        return
+    root.commit_in_flight = False
+    due: list[Callback] | None = root.due
+    for frame in (root, *(root.inner or ())):
+        if frame.callbacks:
+            if due is None:
+                due = root.due = []
+            due.extend(frame.callbacks)
+            frame.callbacks = None
+
+
+def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    if previous.parent is not None:
+        return  # a savepoint
+    root = _body_root(session)
+    if root is None:
+        return
+    root.commit_in_flight = False
+    active = root.inner
+    for frame in (root, *(active or ())):
+        frame.callbacks = None
+    if active:
+        root.forbid(_SPOILED, None)
+        root.culprit = active[-1].function or "a scope"
+    elif root.veto is _ROLLBACK_ONLY:
+        # The owner's body rolled back the partial work itself: what follows
+        # is a new transaction of its own.
+        root.veto = None
+        root.cause = None
+
+
+@contextlib.contextmanager
+def internal_rollback(session: Session) -> Iterator[None]:
+    """Run sessionscope's own ``session.rollback()`` inside a scope (a routing
+    fallback before the first statement) without it counting as the body's."""
+    root = _body_root(session)
+    if root is None:
+        yield
+        return
+    root.state = _ENDING
+    try:
+        yield
+    finally:
+        root.state = _ACTIVE
+
+
+# -- retry -----------------------------------------------------------------------
+
+
+def enter_retry_boundary(cfg: SessionConfig, joined: bool) -> Token[Boundary | None] | None:
+    """The one decision of whether this call retries: make the caller the
+    retrying boundary of its thread or task and return the token to reset, or
+    None to call once: retry disabled, the call joins an enclosing scope
+    (``joined``: a part of a unit of work is never re-run alone), or an outer
+    boundary of this caller already retries."""
+    if joined or cfg.retry_attempts == 0:
         return None
     key = context_key()
-    if retry_boundary.get() == key:
+    outer = retry_boundary.get()
+    if outer is not None and _same_caller(outer.key, key):
         return None
-    return retry_boundary.set(key)
+    return retry_boundary.set(Boundary(key))
 
 
 def next_retry(
@@ -627,10 +1059,22 @@ def next_retry(
 ) -> float | None:
     """After failed attempt number ``attempt``: the delay before the next attempt,
     counted and logged, or None to re-raise. The one decision both retry drivers
-    (blocking sleep, asyncio sleep) share."""
+    (blocking sleep, asyncio sleep) share. Never retries once anything under the
+    boundary committed."""
+    boundary = retry_boundary.get()
     delay = retry_delay_for(cfg, attempt, exc)
-    if delay is not None:
-        record_retry(stats, cfg, exc, attempt, delay, function)
+    if delay is None:
+        return None
+    if boundary is not None and boundary.committed:
+        if cfg.log_levelno <= logging.WARNING:
+            logger.warning(
+                "not retrying %s after transient %s: part of its work was already "
+                "committed, so running it again could apply that part twice",
+                function or "callable",
+                describe(exc),
+            )
+        return None
+    record_retry(stats, cfg, exc, attempt, delay, function)
     return delay
 
 

@@ -6,13 +6,23 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import StatementError
 
 from ._config import SessionConfig
+from ._errors import SessionFactoryNotInitializedError
 
-__all__ = ["Injection", "options_key", "prepare", "run_callbacks_sync"]
+M = TypeVar("M")
+
+__all__ = [
+    "Injection",
+    "detached_config",
+    "options_key",
+    "prepare",
+    "run_callbacks_sync",
+    "scope_manager",
+]
 
 logger = logging.getLogger("sessionscope")
 
@@ -165,3 +175,21 @@ def run_callbacks_sync(callbacks: list[Callable[[], Any]]) -> None:
             callback()
         except Exception as err:
             log_callback_error(callback, err)
+
+
+def detached_config(overrides: Mapping[str, Any]) -> SessionConfig:
+    """The config of a call given its session explicitly before any manager is
+    set up: it joins that session, which sessionscope does not own, so only the
+    propagation and rollback options matter and nothing is recorded."""
+    return SessionConfig(enable_monitoring=False).merged(overrides)
+
+
+def scope_manager(get_manager: Callable[[], M], explicit: bool) -> M | None:
+    """The manager of a decorated call; None when the caller passed its session
+    explicitly and no manager is set up yet (the call only joins that session)."""
+    if not explicit:
+        return get_manager()
+    try:
+        return get_manager()
+    except SessionFactoryNotInitializedError:
+        return None

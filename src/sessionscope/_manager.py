@@ -41,6 +41,13 @@ _CACHE_LIMIT = 256
 _logger = logging.getLogger("sessionscope")
 
 
+def _in_scope() -> bool:
+    # with_retry() inside any scope calls once: the callable may use the
+    # enclosing transaction, which its error already spoiled, so the error must
+    # reach the outermost retrying boundary.
+    return _core.current_frame(_core.context_key()) is not None
+
+
 class SessionManager:
     """Engines, session factories, configuration and statistics of one database.
 
@@ -103,6 +110,7 @@ class SessionManager:
         self._session_class = session_class
         self._async_session_class = async_session_class
         self._lock = threading.Lock()
+        self._tracked: dict[type[Session], type[Session]] = {}
         self._sync_factory: sessionmaker[Session] | None = None
         self._async_factory: async_sessionmaker[AsyncSession] | None = None
         self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
@@ -207,11 +215,30 @@ class SessionManager:
 
     def _factory_kw(self, is_async: bool) -> dict[str, Any]:
         kw = dict(self._session_options)
-        if is_async and self._async_session_class is not None:
-            kw["class_"] = self._async_session_class
-        elif self._session_class is not None:
-            kw["sync_session_class" if is_async else "class_"] = self._session_class
+        if is_async:
+            front = self._async_session_class or AsyncSession
+            kw["class_"] = front
+            kw["sync_session_class"] = self._tracked_class(
+                self._session_class or front.sync_session_class
+            )
+        else:
+            kw["class_"] = self._tracked_class(self._session_class or Session)
         return kw
+
+    def _tracked_class(self, base: type[Session]) -> type[Session]:
+        """A subclass of ``base`` of this manager's own, whose sessions report the
+        COMMITs and ROLLBACKs their scope bodies issue to the transaction core. A
+        class-level listener costs nothing per session, and other sessions of
+        ``base`` are not affected."""
+        tracked = self._tracked.get(base)
+        if tracked is None:
+            with self._lock:
+                tracked = self._tracked.get(base)
+                if tracked is None:
+                    tracked = type(base.__name__, (base,), {"__module__": base.__module__})
+                    _core.install_session_events(tracked)
+                    self._tracked[base] = tracked
+        return tracked
 
     def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
         if (
@@ -387,7 +414,7 @@ class SessionManager:
         """Call ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
         cfg = self._retry_config(max_retries, retry_delay)
         name = getattr(func, "__qualname__", None)
-        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs))
+        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs), _in_scope())
 
     async def async_with_retry(
         self,
@@ -400,7 +427,9 @@ class SessionManager:
         """Await ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
         cfg = self._retry_config(max_retries, retry_delay)
         name = getattr(func, "__qualname__", None)
-        return await acall_with_retry(self, cfg, name, lambda: func(*args, **kwargs))
+        return await acall_with_retry(
+            self, cfg, name, lambda: func(*args, **kwargs), _in_scope()
+        )
 
     def _retry_config(self, max_retries: int | None, retry_delay: float | None) -> SessionConfig:
         overrides: dict[str, Any] = {}
@@ -408,13 +437,7 @@ class SessionManager:
             overrides["retry_attempts"] = max_retries
         if retry_delay is not None:
             overrides["retry_delay"] = retry_delay
-        cfg = self._resolve(options_key(overrides), overrides)
-        if _core.current_frame(_core.context_key()) is not None:
-            # Inside a scope the work cannot be re-run alone: the enclosing
-            # transaction is already spoiled. Let the error reach the outermost
-            # retrying boundary.
-            return cfg.merged({"retry_attempts": 0})
-        return cfg
+        return self._resolve(options_key(overrides), overrides)
 
     @functools.cached_property
     def get_db(self) -> Callable[..., Awaitable[AsyncSession]]:

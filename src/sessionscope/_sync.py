@@ -7,6 +7,7 @@ exit logic directly.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -16,12 +17,17 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from . import _core
-from ._decorate import options_key, prepare, run_callbacks_sync
+from ._decorate import (
+    detached_config,
+    options_key,
+    prepare,
+    run_callbacks_sync,
+    scope_manager,
+)
+from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
 from ._policy import Action
 
 if TYPE_CHECKING:
-    from contextvars import Token
-
     from ._config import SessionConfig
     from ._manager import SessionManager
 
@@ -30,19 +36,25 @@ __all__ = ["SyncScope", "call_with_retry", "decorate_sync"]
 T = TypeVar("T")
 
 _NEW, _SAVEPOINT = Action.NEW, Action.SAVEPOINT  # see _core._NEW
+_ACTIVE = _core.FrameState.ACTIVE
+
+
+def _not_set_up(cfg: SessionConfig) -> tuple[Session, Session]:
+    raise SessionFactoryNotInitializedError("a scope that opens its own session")
 
 
 class SyncScope:
     """Context manager yielding a :class:`~sqlalchemy.orm.Session`.
 
-    Created per use by ``session_scope()``; not reusable once exited.
+    Created per use by ``session_scope()``. Entering it again while it is active
+    raises :class:`ActiveScopeError`; once exited it may be entered again.
     """
 
-    __slots__ = ("_cfg", "_explicit", "_frame", "_function", "_manager", "_token")
+    __slots__ = ("_cfg", "_explicit", "_frame", "_function", "_manager")
 
     def __init__(
         self,
-        manager: SessionManager,
+        manager: SessionManager | None,
         cfg: SessionConfig,
         explicit: Session | None = None,
         function: str | None = None,
@@ -52,9 +64,15 @@ class SyncScope:
         self._explicit = explicit
         self._function = function
         self._frame: _core.Frame | None = None
-        self._token: Token[_core.Frame | None] | None = None
 
     def __enter__(self) -> Session:
+        active = self._frame
+        if active is not None and active.state is _ACTIVE:
+            raise ActiveScopeError(
+                "this session_scope() object is already active; entering it again would "
+                "share (and then close) its session. Create one scope object per with "
+                "block: with session_scope() as session: ..."
+            )
         cfg = self._cfg
         manager = self._manager
         key = _core.context_key()
@@ -63,16 +81,17 @@ class SyncScope:
             cfg,
             key,
             outer,
-            manager._open_sync,
-            manager.stats if cfg.enable_monitoring else None,
+            manager._open_sync if manager is not None else _not_set_up,
+            manager.stats if cfg.enable_monitoring and manager is not None else None,
             self._function,
             self._explicit,
             manager,
+            _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             _core.begin_savepoint(frame.session, frame)
         self._frame = frame
-        self._token = _core.stack.set(frame)
+        _core.push(frame)
         return frame.session
 
     def __exit__(
@@ -82,33 +101,40 @@ class SyncScope:
         tb: TracebackType | None,
     ) -> None:
         frame = self._frame
-        if frame is None or self._token is None:
+        if frame is None:
             raise RuntimeError("session scope exited without being entered")
-        _core.stack.reset(self._token)
-        self._token = None
+        _core.pop(frame)
         try:
             callbacks = _core.exit_frame(frame.session, frame, exc)
         except sa_exc.TimeoutError as err:
+            if self._manager is None:
+                raise
             raise self._manager._pool_exhausted(err) from err
-        if exc is not None and isinstance(exc, sa_exc.TimeoutError) and frame.action is _NEW:
-            raise self._manager._pool_exhausted(exc) from exc
         if callbacks:
             run_callbacks_sync(callbacks)
+        if (
+            exc is not None
+            and isinstance(exc, sa_exc.TimeoutError)
+            and frame.action is _NEW
+            and self._manager is not None
+        ):
+            raise self._manager._pool_exhausted(exc) from exc
 
 
 def call_with_retry(
-    manager: SessionManager,
+    manager: SessionManager | None,
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], T],
+    joined: bool,
 ) -> T:
     """Run ``call``; on a transient error, back off and run it again (each attempt
-    opens its own session). Only an outermost caller retries: inside a scope or
-    another retry boundary of this thread or task, the error propagates to it."""
-    token = _core.enter_retry_boundary(cfg)
+    opens its own session). Whether this call retries at all is the core's
+    decision (:func:`._core.enter_retry_boundary`)."""
+    token = _core.enter_retry_boundary(cfg, joined)
     if token is None:
         return call()
-    stats = manager.stats if cfg.enable_monitoring else None
+    stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
         while True:
@@ -133,28 +159,30 @@ def decorate_sync(
 
     The config is resolved at call time (so a later ``configure_session`` applies)
     and cached per manager config version. Retries happen only when this call is
-    the outermost scope and no session was passed explicitly.
+    the outermost scope and no session was passed explicitly. A call given its
+    session explicitly works before any manager is set up: it only joins it.
     """
     injection, signature, name = prepare(func, overrides, is_async=False, session_types=(Session,))
+    detached = detached_config(overrides)
     key = options_key(overrides)
     requires_new = overrides.get("propagation") == "requires_new"
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        manager = get_manager()
-        cfg = manager._resolve(key, overrides)
         explicit = injection.explicit(args, kwargs)
+        manager = scope_manager(get_manager, explicit is not None)
+        cfg = manager._resolve(key, overrides) if manager is not None else detached
 
         def once() -> T:
             with SyncScope(manager, cfg, explicit, name) as session:
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return func(*call_args, **call_kwargs)
 
-        if explicit is None and (
-            requires_new or _core.current_frame(_core.context_key(), False, manager) is None
-        ):
-            return call_with_retry(manager, cfg, name, once)
-        return once()
+        joined = explicit is not None or (
+            not requires_new
+            and _core.current_frame(_core.context_key(), False, manager) is not None
+        )
+        return call_with_retry(manager, cfg, name, once, joined)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
