@@ -229,3 +229,63 @@ async def test_disconnect_during_commit_is_outcome_unknown_async(
         assert slow_rows(admin) == 0
     finally:
         await manager.adispose()
+
+
+def test_body_commit_lost_in_flight_is_outcome_unknown_sync(
+    slow_commit: tuple[SessionManager, Server],
+) -> None:
+    """The body calls ``session.commit()`` itself and its connection is lost
+    during that COMMIT: the unit is never re-run (it would insert twice), and
+    the error says the outcome is unknown."""
+    manager, admin = slow_commit
+    pids: list[int] = []
+    calls: list[int] = []
+
+    @manager.with_session
+    def insert(session: Session) -> None:
+        calls.append(1)
+        pids.append(session.scalar(admin.id_sql))
+        session.execute(text("INSERT INTO ss_slow_commit VALUES (1)"))
+        session.commit()  # the body's own COMMIT, cut off by the watcher
+
+    killer = kill_inside_commit(admin, pids)
+    with pytest.raises(CommitOutcomeUnknownError) as caught:
+        insert()
+    killer.join()
+    assert calls == [1], "never retried"
+    assert isinstance(caught.value.__cause__, sa_exc.DBAPIError)
+    stats = manager.get_stats()
+    assert stats["retries"] == 0
+    assert stats["active_sessions"] == 0
+    assert manager.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert slow_rows(admin) <= 1
+
+
+async def test_body_commit_lost_in_flight_is_outcome_unknown_async(
+    slow_commit: tuple[SessionManager, Server],
+) -> None:
+    """The same through asyncpg: ``await session.commit()`` in the body."""
+    manager, admin = slow_commit
+    pids: list[int] = []
+    calls: list[int] = []
+
+    @manager.async_with_session
+    async def insert(session: AsyncSession) -> None:
+        calls.append(1)
+        pids.append(await session.scalar(admin.id_sql))
+        await session.execute(text("INSERT INTO ss_slow_commit VALUES (1)"))
+        await session.commit()
+
+    try:
+        killer = kill_inside_commit(admin, pids)
+        with pytest.raises(CommitOutcomeUnknownError):
+            await insert()
+        await asyncio.to_thread(killer.join)
+        assert calls == [1], "never retried"
+        stats = manager.get_stats()
+        assert stats["retries"] == 0
+        assert stats["active_sessions"] == 0
+        assert manager.async_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert slow_rows(admin) <= 1
+    finally:
+        await manager.adispose()

@@ -30,6 +30,7 @@ transaction that must not commit is refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import inspect
@@ -174,6 +175,7 @@ def _context_manager_entries() -> frozenset[object]:
 _CM_ENTRIES: Final = _context_manager_entries()
 # asyncio.wait_for runs its awaitable in a new task before Python 3.12.
 _WAIT_FOR_TASK: Final = sys.version_info < (3, 12)
+_WAIT_FOR_CODE: Final = asyncio.wait_for.__code__
 
 
 class Frame:
@@ -298,17 +300,17 @@ def _same_caller(frame_key: object, key: object) -> bool:
 
 
 def _waits_for(waiter: Task[Any], task: Task[Any]) -> bool:
-    if waiter.done():
-        return False
-    frames = waiter.get_stack()
-    if not frames:
-        return False
-    innermost = frames[-1]
-    return (
-        innermost.f_code.co_name == "wait_for"
-        and innermost.f_globals.get("__name__") == "asyncio.tasks"
-        and innermost.f_locals.get("fut") is task
-    )
+    # Walk the coroutines ``waiter`` is suspended in, down to what it awaits.
+    awaited: Any = waiter.get_coro()
+    for _ in range(64):
+        code = getattr(awaited, "cr_code", None)
+        if code is None:
+            return False
+        if code is _WAIT_FOR_CODE:
+            frame = awaited.cr_frame
+            return frame is not None and frame.f_locals.get("fut") is task
+        awaited = awaited.cr_await
+    return False
 
 
 def entered_in_generator(caller: FrameType) -> FrameType | None:
