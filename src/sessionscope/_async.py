@@ -122,16 +122,16 @@ class AsyncScope:
             await self._cleanup_cancelled(frame, exc)
             return
         try:
-            callbacks = await frame.front.run_sync(_core.exit_frame, frame, exc)
+            callbacks, error = await frame.front.run_sync(_core.exit_frame, frame, exc)
         except asyncio.CancelledError:
             # Cancelled during COMMIT/ROLLBACK/close. The core's finally blocks ran
             # in the greenlet; if they were cut short, drop the connection.
             await self._cleanup_cancelled(frame, None)
             raise
-        except sa_exc.TimeoutError as err:
-            if self._manager is None:
-                raise
-            raise self._manager._pool_exhausted(err) from err
+        if isinstance(error, asyncio.CancelledError):
+            # Cancelled during COMMIT: the core closed the frame; count it.
+            await self._cleanup_cancelled(frame, None)
+            raise error
         for callback in callbacks:
             try:
                 result = callback()
@@ -139,13 +139,13 @@ class AsyncScope:
                     await result
             except Exception as err:
                 log_callback_error(callback, err)
-        if (
-            exc is not None
-            and isinstance(exc, sa_exc.TimeoutError)
-            and frame.action is _NEW
-            and self._manager is not None
-        ):
-            raise self._manager._pool_exhausted(exc) from exc
+        error = error or exc
+        if error is None:
+            return
+        if isinstance(error, sa_exc.TimeoutError) and self._manager is not None:
+            raise self._manager._pool_exhausted(error) from error
+        if error is not exc:
+            raise error
 
     async def _cleanup_cancelled(self, frame: _core.Frame, exc: BaseException | None) -> None:
         if frame.stats is not None and frame.action is Action.NEW:

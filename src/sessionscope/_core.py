@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dis
 import enum
+import functools
 import inspect
 import logging
 import sys
@@ -175,7 +177,9 @@ def _context_manager_entries() -> frozenset[object]:
 _CM_ENTRIES: Final = _context_manager_entries()
 # asyncio.wait_for runs its awaitable in a new task before Python 3.12.
 _WAIT_FOR_TASK: Final = sys.version_info < (3, 12)
-_WAIT_FOR_CODE: Final = asyncio.wait_for.__code__
+_RELEASE_WAITER: Final = getattr(asyncio.tasks, "_release_waiter", None)
+_YIELD_VALUE: Final = dis.opmap["YIELD_VALUE"]
+_ASYNC_GEN_WRAP: Final = dis.opmap.get("ASYNC_GEN_WRAP", -1)
 
 
 class Frame:
@@ -300,16 +304,20 @@ def _same_caller(frame_key: object, key: object) -> bool:
 
 
 def _waits_for(waiter: Task[Any], task: Task[Any]) -> bool:
-    # Walk the coroutines ``waiter`` is suspended in, down to what it awaits.
-    awaited: Any = waiter.get_coro()
-    for _ in range(64):
-        code = getattr(awaited, "cr_code", None)
-        if code is None:
-            return False
-        if code is _WAIT_FOR_CODE:
-            frame = awaited.cr_frame
-            return frame is not None and frame.f_locals.get("fut") is task
-        awaited = awaited.cr_await
+    # On Python < 3.12, wait_for parks its caller on a future of its own that a
+    # done-callback of the task it made releases: that pair identifies it.
+    parked = getattr(waiter, "_fut_waiter", None)
+    if parked is None:
+        return False
+    for callback in getattr(task, "_callbacks", None) or ():
+        function = callback[0] if isinstance(callback, tuple) else callback
+        if (
+            isinstance(function, functools.partial)
+            and function.func is _RELEASE_WAITER
+            and function.args
+            and function.args[0] is parked
+        ):
+            return True
     return False
 
 
@@ -334,6 +342,33 @@ def _running(generator: FrameType) -> bool:
     return False
 
 
+def _awaiting(generator: FrameType) -> bool:
+    """Python < 3.12: an async generator frame of the task waiting in
+    ``wait_for`` is inside the await that waits (its body is running, as on
+    3.12+) rather than suspended at a ``yield``."""
+    code = generator.f_code
+    if not code.co_flags & inspect.CO_ASYNC_GENERATOR:
+        return False
+    at, ops = generator.f_lasti, code.co_code
+    if sys.version_info < (3, 11):
+        return ops[at] != _YIELD_VALUE
+    return at >= 2 and ops[at - 2] != _ASYNC_GEN_WRAP
+
+
+def _visible(frame: Frame, key: object) -> bool:
+    generator = frame.generator
+    if frame.key == key:
+        return generator is None or _running(generator)
+    if not (
+        _WAIT_FOR_TASK
+        and isinstance(key, Task)
+        and isinstance(frame.key, Task)
+        and _waits_for(frame.key, key)
+    ):
+        return False
+    return generator is None or _awaiting(generator)
+
+
 def _live(frame: Frame | None) -> Frame | None:
     while frame is not None and frame.state is _CLOSED:
         frame = frame.below
@@ -354,8 +389,7 @@ def current_frame(
             frame.state is not _CLOSED
             and (is_async is None or frame.is_async is is_async)
             and (manager is None or frame.manager is manager)
-            and _same_caller(frame.key, key)
-            and (frame.generator is None or _running(frame.generator))
+            and _visible(frame, key)
         ):
             return frame
         frame = frame.below
@@ -441,6 +475,16 @@ def new_frame(
             logger.debug("session opened (%s)", function or "scope")
         return frame
     assert outer is not None  # decide() returns NEW when there is no outer frame
+    if action is _SAVEPOINT and generator is not None and (
+        outer.root is None or outer.root.generator is not generator
+    ):
+        raise ActiveScopeError(
+            'propagation="nested" inside a generator is refused here: the SAVEPOINT '
+            "would belong to a session its caller keeps using between iterations, so "
+            "the caller's own writes would be rolled back with it. Open the nested "
+            'scope outside the generator, or use propagation="requires_new" for a '
+            "session of the generator's own."
+        )
     front = outer.front if outer.front is not None else explicit_front
     frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
     frame.generator = generator
@@ -502,17 +546,25 @@ def begin_savepoint(session: Session, frame: Frame) -> None:
         logger.debug("savepoint begun (%s)", frame.function or "scope")
 
 
-def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
+Exit = tuple[list[Callback], BaseException | None]
+"""What :func:`exit_frame` leaves to the front: the ``on_commit`` callbacks to run
+now, then the error to raise (None: let the body's exception, if any, go on)."""
+
+_NOTHING: Final[Exit] = ([], None)
+
+
+def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
     """Finish a frame: the whole exit decision table.
 
     Returns the ``on_commit`` callbacks to run now (after an outermost COMMIT,
-    or committed by the body itself); the caller runs them outside any
-    transaction. Raises the COMMIT error, :class:`RollbackOnlyError`, or
-    :class:`CommitOutcomeUnknownError` when the scope body succeeded; when the
-    body raised, cleanup errors are logged and never shadow the body's exception.
+    or whose COMMIT the body made itself: those run even when the scope then
+    fails) and the error the scope must raise after them: the COMMIT error,
+    :class:`RollbackOnlyError`, or :class:`CommitOutcomeUnknownError`. When the
+    body raised, cleanup errors are logged and never shadow the body's
+    exception. A savepoint scope's errors are raised here directly.
     """
     if frame.state is not _ACTIVE:
-        return []
+        return _NOTHING
     action = frame.action
     if action is _NEW:
         return _exit_root(session, frame, exc)
@@ -524,11 +576,17 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> lis
         with contextlib.suppress(ValueError):
             root.inner.remove(frame)
     if action is _JOIN:
-        if exc is not None and frame.cfg.auto_rollback and frame.owner is not None:
+        if (
+            exc is not None
+            and frame.cfg.auto_rollback
+            and frame.owner is not None
+            # An abandoned generator: its consumer chose to stop, nothing failed.
+            and not isinstance(exc, GeneratorExit)
+        ):
             _mark_rollback_only(frame.owner, exc)
         if frame.function is not None and frame.stats is not None:
             _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
-        return []
+        return _NOTHING
     try:
         _exit_savepoint(frame, exc)
     except BaseException:
@@ -537,7 +595,7 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> lis
         raise
     if frame.function is not None and frame.stats is not None:
         _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
-    return []
+    return _NOTHING
 
 
 def _record_call(frame: Frame, failed: bool) -> None:
@@ -598,11 +656,21 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
     keep = (exc is None and frame.veto is None) or (exc is not None and not frame.cfg.auto_rollback)
     stats = frame.stats
     if savepoint is not None and not _is_open(frame.session, savepoint):
-        # The body committed or rolled back the whole transaction meanwhile; its
-        # session events already settled this savepoint's callbacks and, for a
-        # rollback, spoiled the owner. Nothing is left to release or undo.
+        # The body committed or rolled back the whole transaction meanwhile: the
+        # savepoint is gone, and what the scope did since runs in the enclosing
+        # transaction. Kept, its callbacks go to the owner; otherwise that work
+        # cannot be undone here, so the enclosing owner must not commit it.
         if stats is not None:
             stats.savepoint_ended(rolled_back=not keep)
+        if keep:
+            _promote_callbacks(frame)
+            return
+        frame.callbacks = None
+        owner = frame.parent.owner if frame.parent is not None else None
+        if owner is not None:
+            _mark_rollback_only(owner, exc or frame.cause or RollbackOnlyError("savepoint lost"))
+        if exc is None and frame.veto is _ROLLBACK_ONLY:
+            raise _rollback_only_error(frame)
         return
     if keep:
         if savepoint is not None:
@@ -668,7 +736,7 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
     return False
 
 
-def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> list[Callback]:
+def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
     cfg = frame.cfg
     frame.state = _ENDING
     frame.generator = None
@@ -729,10 +797,12 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> lis
         failed = True
         if cfg.log_levelno <= logging.WARNING:
             _log_failure(frame, err, at_exit=True, expected=False)
-        raise
+        error: BaseException | None = err
+    else:
+        error = None
     finally:
         _close(session, frame, committed=committed, failed=failed)
-    return callbacks
+    return callbacks, error
 
 
 def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
@@ -746,7 +816,8 @@ def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
             "escape it to undo just its own work."
         )
     err = RollbackOnlyError(
-        "the transaction was rolled back instead of committed: an exception "
+        f"the {'savepoint' if frame.action is _SAVEPOINT else 'transaction'} was rolled "
+        "back instead of committed: an exception "
         f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
         "was partial. Catch the error inside the inner scope, or give the inner "
         'scope propagation="nested" so its failure is contained.'

@@ -35,7 +35,7 @@ __all__ = ["SyncScope", "call_with_retry", "decorate_sync"]
 
 T = TypeVar("T")
 
-_NEW, _SAVEPOINT = Action.NEW, Action.SAVEPOINT  # see _core._NEW
+_SAVEPOINT = Action.SAVEPOINT  # see _core._NEW
 _ACTIVE = _core.FrameState.ACTIVE
 
 
@@ -104,21 +104,16 @@ class SyncScope:
         if frame is None:
             raise RuntimeError("session scope exited without being entered")
         _core.pop(frame)
-        try:
-            callbacks = _core.exit_frame(frame.session, frame, exc)
-        except sa_exc.TimeoutError as err:
-            if self._manager is None:
-                raise
-            raise self._manager._pool_exhausted(err) from err
+        callbacks, error = _core.exit_frame(frame.session, frame, exc)
         if callbacks:
             run_callbacks_sync(callbacks)
-        if (
-            exc is not None
-            and isinstance(exc, sa_exc.TimeoutError)
-            and frame.action is _NEW
-            and self._manager is not None
-        ):
-            raise self._manager._pool_exhausted(exc) from exc
+        error = error or exc
+        if error is None:
+            return
+        if isinstance(error, sa_exc.TimeoutError) and self._manager is not None:
+            raise self._manager._pool_exhausted(error) from error
+        if error is not exc:
+            raise error
 
 
 def call_with_retry(
