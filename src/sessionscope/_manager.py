@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import _backend, _core, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
-from ._config import SessionConfig, validate_overrides
+from ._config import SessionConfig, is_autocommit, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
 from ._routing import Router
@@ -39,6 +39,26 @@ T = TypeVar("T")
 _CACHE_LIMIT = 256
 
 _logger = logging.getLogger("sessionscope")
+
+
+def _refuse_autocommit_engines(
+    engine: Engine | None, async_engine: AsyncEngine | None, options: Mapping[str, Any]
+) -> None:
+    """Raise ``ValueError`` when every session would run in autocommit mode."""
+    given = [
+        options.get("isolation_level"),
+        (options.get("execution_options") or {}).get("isolation_level"),
+    ]
+    if any(is_autocommit(level) for level in given) or any(
+        e is not None and _backend.engine_autocommit(e)
+        for e in (engine, async_engine.sync_engine if async_engine is not None else None)
+    ):
+        raise ValueError(
+            "the engine runs every session with isolation_level='AUTOCOMMIT': each "
+            "statement would commit as it runs, and a scope that fails could not roll "
+            "its writes back. Remove it from the engine; for reads without a "
+            "transaction use session_scope(read_only=True, isolation_level='AUTOCOMMIT')."
+        )
 
 
 class SessionManager:
@@ -89,13 +109,22 @@ class SessionManager:
             raise TypeError("pass either async_url= or async_engine=, not both")
         if url is None and engine is None:
             if async_engine is not None:
-                url = _backend.sync_url_for(async_engine.url)
+                url = async_engine.url
             elif async_url is not None:
-                url = _backend.sync_url_for(async_url)
+                url = async_url
             else:
                 url = _backend.default_url()
-        self._url: URL | None = None if engine is not None else make_url(url)  # type: ignore[arg-type]
+        self._url: URL | None = None
+        if engine is None:
+            assert url is not None
+            given = make_url(url)
+            if async_url is None and async_engine is None and _backend.is_async_url(given):
+                # An async URL given as the URL (often DATABASE_URL): the async side
+                # uses it as given, the sync side the matching sync driver.
+                async_url = given
+            self._url = _backend.sync_url_for(given)
         self._async_url = async_url
+        _refuse_autocommit_engines(engine, async_engine, engine_options)
         self._engine = engine
         self._async_engine = async_engine
         self._engine_options = dict(engine_options)
@@ -554,9 +583,10 @@ class SessionManager:
         # The moment the long-held warning is for: name the sessions holding the pool.
         _watch.warn_overdue(self.stats, time.perf_counter())
         status: dict[str, Any] = {}
-        pools = self.pool_status()
-        # Name the pool(s) that ran dry (no idle connection), not every engine's.
-        full = {side: f for side, f in pools.items() if f.get("checked_in", 0) == 0}
+        engines = self.engines_by_role()
+        pools = {role: _backend.pool_status(engine) for role, engine in engines.items()}
+        # Name the pool(s) that ran dry, not an idle one that has no connection yet.
+        full = {role: pools[role] for role, e in engines.items() if _backend.pool_ran_dry(e)}
         for side, figures in (full or pools).items():
             for key, value in figures.items():
                 if key != "pool_class":

@@ -112,8 +112,10 @@ def validate_routing(
     for name, seconds in (("read_your_writes", read_your_writes), ("replica_cooldown", cooldown)):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise TypeError(f"{name} must be a number of seconds, got {seconds!r}")
-        if seconds < 0 or math.isnan(seconds):
-            raise ValueError(f"{name} must be >= 0 seconds (0 disables it), got {seconds}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(
+                f"{name} must be a finite number of seconds >= 0 (0 disables it), got {seconds}"
+            )
 
 
 class _Replica:
@@ -142,21 +144,19 @@ class _Replica:
         self.name = name
         self.engine: Engine | None = sync if isinstance(sync, Engine) else None
         self.async_engine: AsyncEngine | None = async_ if isinstance(async_, AsyncEngine) else None
-        if isinstance(sync, Engine):
-            self.url = sync.url
-        elif sync is not None:
-            self.url = make_url(sync)
-        else:
+        # The manager's URL rules: an async URL in replicas= serves the async side
+        # as given and the sync side through the package's sync driver.
+        given = sync.url if isinstance(sync, Engine) else sync
+        if given is None:
             assert async_ is not None
-            self.url = _backend.sync_url_for(
-                async_.url if isinstance(async_, AsyncEngine) else async_
-            )
+            given = async_.url if isinstance(async_, AsyncEngine) else async_
+        self.url = sync.url if isinstance(sync, Engine) else _backend.sync_url_for(given)
         if isinstance(async_, AsyncEngine):
             self.async_url = async_.url
         elif async_ is not None:
             self.async_url = make_url(async_)
         else:
-            self.async_url = _backend.async_url_for(self.url)
+            self.async_url = _backend.async_url_for(given)
         self.factory: sessionmaker[Session] | None = None
         self.async_factory: async_sessionmaker[AsyncSession] | None = None
         self.down_until = -math.inf
