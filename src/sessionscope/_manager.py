@@ -65,9 +65,15 @@ class SessionManager:
     """Engines, session factories, configuration and statistics of one database.
 
     ``SessionManager()`` with no URL uses ``DATABASE_URL`` or the embedded SQLite
-    file. The async URL is derived from the sync one unless given. An existing
-    ``Engine`` / ``AsyncEngine`` can be passed instead of URLs, so an application
-    keeps its engine (and its own ``get_db()``) while it migrates. Remaining
+    file. The async URL is derived from the sync one unless given; an async URL
+    given as ``url`` (``postgresql+asyncpg://...``) is the async URL, and the sync
+    engine uses the matching sync driver. A URL without a driver
+    (``postgresql://``, ``mysql://``) uses psycopg / PyMySQL (asyncpg / aiomysql
+    async), the drivers of the package's extras. An engine option or a given
+    engine that runs every session in autocommit raises ``ValueError`` (a failed
+    scope could not roll back). An existing ``Engine`` / ``AsyncEngine`` can be
+    passed instead of URLs, so an application keeps its engine (and its own
+    ``get_db()``) while it migrates. Remaining
     keyword arguments are engine options (``pool_size=...``, ``echo=...``).
 
     Engines are created on first use, so constructing a manager never connects
