@@ -339,6 +339,11 @@ class AsyncWriter:
         return await _ainsert(session, name, self.suffix)
 
 
+class Rows:
+    def __call__(self, session: Session) -> Iterator[str]:
+        yield from session.scalars(select(User.name))
+
+
 def test_partials_and_callable_instances_are_decorated_sync(manager: SessionManager) -> None:
     url = manager.url.render_as_string(hide_password=False)
     by_partial = with_session(functools.partial(_insert, suffix="-p"))
@@ -359,6 +364,9 @@ def test_partials_and_callable_instances_are_decorated_sync(manager: SessionMana
         with_session(functools.partial(_ainsert, suffix="x"))
     with pytest.raises(TypeError, match="async_with_session"):
         with_session(AsyncWriter("x"))
+    # So is a generator behind an instance: its scope would end before iteration.
+    with pytest.raises(TypeError, match=r"generator function .*\.Rows"):
+        with_session(Rows())
     assert_clean(manager, url, {"a-p", "b-i", "c-pi"})
 
 
