@@ -44,7 +44,7 @@ from sessionscope import (
 )
 
 from .conftest import backend_url, require_server, reset_schema
-from .integrity import assert_clean, checked_out, idle_in_transaction, stored_names
+from .integrity_state import assert_clean, checked_out, idle_in_transaction, stored_names
 from .models import User
 
 SERVERS = ["postgresql", "mariadb"]

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sessionscope import SessionManager
 
 from .conftest import IN_CI, backend_url, require_server, reset_schema
-from .integrity import assert_clean
+from .integrity_state import assert_clean
 from .models import User
 from .replica import ReplicaSetupError, StreamingReplica, allow_replication, pg_bin
 

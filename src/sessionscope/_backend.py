@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from ._config import is_autocommit
@@ -25,11 +27,11 @@ __all__ = [
     "async_url_for",
     "begin_statements",
     "default_url",
-    "engine_autocommit",
     "guard_read_only",
     "is_async_url",
     "pool_ran_dry",
     "pool_status",
+    "refuse_autocommit",
     "safe_url",
     "sync_url_for",
 ]
@@ -102,14 +104,27 @@ def sync_url_for(url: str | URL) -> URL:
     return parsed.set(drivername=f"{backend}+{driver}")
 
 
-def engine_autocommit(engine: Engine) -> bool:
-    """Whether every connection of ``engine`` runs in autocommit mode
-    (``create_engine(isolation_level="AUTOCOMMIT")`` or the execution option)."""
-    levels = (
-        engine.get_execution_options().get("isolation_level"),
-        getattr(engine.dialect, "_on_connect_isolation_level", None),
-    )
-    return any(is_autocommit(level) for level in levels)
+def refuse_autocommit(
+    engine: Engine | None, async_engine: AsyncEngine | None, options: Mapping[str, Any]
+) -> None:
+    """Raise ``ValueError`` when a manager's engine would run every session in
+    autocommit mode: the ``isolation_level`` engine option or execution option in
+    ``options``, or a given engine built so."""
+    levels: list[object] = [
+        options.get("isolation_level"),
+        (options.get("execution_options") or {}).get("isolation_level"),
+    ]
+    for given in (engine, async_engine.sync_engine if async_engine is not None else None):
+        if given is not None:
+            levels.append(given.get_execution_options().get("isolation_level"))
+            levels.append(getattr(given.dialect, "_on_connect_isolation_level", None))
+    if any(is_autocommit(level) for level in levels):
+        raise ValueError(
+            "the engine runs every session with isolation_level='AUTOCOMMIT': each "
+            "statement would commit as it runs, and a scope that fails could not roll "
+            "its writes back. Remove it from the engine; for reads without a "
+            "transaction use session_scope(read_only=True, isolation_level='AUTOCOMMIT')."
+        )
 
 
 def safe_url(url: str | URL) -> str:

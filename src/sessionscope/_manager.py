@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import _backend, _core, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
-from ._config import SessionConfig, is_autocommit, validate_overrides
+from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
 from ._routing import Router
@@ -39,26 +39,6 @@ T = TypeVar("T")
 _CACHE_LIMIT = 256
 
 _logger = logging.getLogger("sessionscope")
-
-
-def _refuse_autocommit_engines(
-    engine: Engine | None, async_engine: AsyncEngine | None, options: Mapping[str, Any]
-) -> None:
-    """Raise ``ValueError`` when every session would run in autocommit mode."""
-    given = [
-        options.get("isolation_level"),
-        (options.get("execution_options") or {}).get("isolation_level"),
-    ]
-    if any(is_autocommit(level) for level in given) or any(
-        e is not None and _backend.engine_autocommit(e)
-        for e in (engine, async_engine.sync_engine if async_engine is not None else None)
-    ):
-        raise ValueError(
-            "the engine runs every session with isolation_level='AUTOCOMMIT': each "
-            "statement would commit as it runs, and a scope that fails could not roll "
-            "its writes back. Remove it from the engine; for reads without a "
-            "transaction use session_scope(read_only=True, isolation_level='AUTOCOMMIT')."
-        )
 
 
 class SessionManager:
@@ -130,7 +110,7 @@ class SessionManager:
                 async_url = given
             self._url = _backend.sync_url_for(given)
         self._async_url = async_url
-        _refuse_autocommit_engines(engine, async_engine, engine_options)
+        _backend.refuse_autocommit(engine, async_engine, engine_options)
         self._engine = engine
         self._async_engine = async_engine
         self._engine_options = dict(engine_options)
