@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
+from ._config import is_autocommit
 from ._errors import ReadOnlyError
 
 __all__ = [
@@ -25,7 +28,10 @@ __all__ = [
     "begin_statements",
     "default_url",
     "guard_read_only",
+    "is_async_url",
+    "pool_ran_dry",
     "pool_status",
+    "refuse_autocommit",
     "safe_url",
     "sync_url_for",
 ]
@@ -47,6 +53,10 @@ _SYNC_DRIVERS: Final = {
 _ASYNC_DRIVER_NAMES: Final = frozenset(
     {"aiosqlite", "asyncpg", "psycopg_async", "aiomysql", "asyncmy"}
 )
+# A URL without a driver ("postgresql://", "mysql://") gets the driver the
+# package's extras install, not SQLAlchemy's default for the backend (psycopg2 on
+# SQLAlchemy 2.0, MySQLdb), which they do not. SQLite's default is in Python.
+_DRIVERLESS: Final = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 
 
 def default_url() -> str:
@@ -70,16 +80,51 @@ def async_url_for(url: str | URL) -> URL:
     return parsed.set(drivername=f"{backend}+{driver}")
 
 
-def sync_url_for(url: str | URL) -> URL:
-    """Derive a sync URL from an async one (the reverse of :func:`async_url_for`)."""
+def is_async_url(url: str | URL) -> bool:
+    """Whether ``url`` names an async driver (``postgresql+asyncpg://...``)."""
     parsed = make_url(url)
+    return "+" in parsed.drivername and parsed.get_driver_name() in _ASYNC_DRIVER_NAMES
+
+
+def sync_url_for(url: str | URL) -> URL:
+    """The URL the sync engine uses: an async driver is replaced by the package's
+    sync driver (asyncpg/psycopg_async -> psycopg, aiosqlite -> pysqlite,
+    aiomysql/asyncmy -> pymysql); a PostgreSQL/MySQL/MariaDB URL without a driver
+    gets psycopg or PyMySQL; any other URL is kept."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if "+" not in parsed.drivername:
+        driverless = _DRIVERLESS.get(backend)
+        return parsed if driverless is None else parsed.set(drivername=f"{backend}+{driverless}")
     if parsed.get_driver_name() not in _ASYNC_DRIVER_NAMES:
         return parsed
-    backend = parsed.get_backend_name()
     driver = _SYNC_DRIVERS.get(backend)
     if driver is None:
         raise ValueError(f"cannot derive a sync URL for the {backend!r} backend; pass url=")
     return parsed.set(drivername=f"{backend}+{driver}")
+
+
+def refuse_autocommit(
+    engine: Engine | None, async_engine: AsyncEngine | None, options: Mapping[str, Any]
+) -> None:
+    """Raise ``ValueError`` when a manager's engine would run every session in
+    autocommit mode: the ``isolation_level`` engine option or execution option in
+    ``options``, or a given engine built so."""
+    levels: list[object] = [
+        options.get("isolation_level"),
+        (options.get("execution_options") or {}).get("isolation_level"),
+    ]
+    for given in (engine, async_engine.sync_engine if async_engine is not None else None):
+        if given is not None:
+            levels.append(given.get_execution_options().get("isolation_level"))
+            levels.append(getattr(given.dialect, "_on_connect_isolation_level", None))
+    if any(is_autocommit(level) for level in levels):
+        raise ValueError(
+            "the engine runs every session with isolation_level='AUTOCOMMIT': each "
+            "statement would commit as it runs, and a scope that fails could not roll "
+            "its writes back. Remove it from the engine; for reads without a "
+            "transaction use session_scope(read_only=True, isolation_level='AUTOCOMMIT')."
+        )
 
 
 def safe_url(url: str | URL) -> str:
@@ -205,6 +250,89 @@ def guard_read_only(session: Session) -> None:
 
     event.listen(session, "before_flush", _before_flush)
     event.listen(session, "do_orm_execute", _do_orm_execute)
+    bind = session.bind
+    if isinstance(bind, Engine) and is_autocommit(
+        bind.get_execution_options().get("isolation_level")
+    ):
+        event.listen(session, "after_begin", _read_only_connection)
+
+
+# (set, reset) making every statement of a connection session read-only, where a
+# READ ONLY transaction cannot: in autocommit mode each statement is a transaction
+# of its own, which neither the driver's read-only transaction nor SET TRANSACTION
+# (it covers the next transaction only) reaches.
+_SESSION_READ_ONLY: Final = {
+    "postgresql": ("SET default_transaction_read_only = on", "RESET default_transaction_read_only"),
+    "mariadb": ("SET @@session.tx_read_only = 1", "SET @@session.tx_read_only = DEFAULT"),
+    "mysql": (
+        "SET @@session.transaction_read_only = 1",
+        "SET @@session.transaction_read_only = DEFAULT",
+    ),
+}
+_RESET_KEY: Final = "sessionscope_reset"
+
+
+def _read_only_connection(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    if not is_autocommit(connection.get_execution_options().get("isolation_level")):
+        return
+    dialect = connection.dialect
+    name = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+    pair = _SESSION_READ_ONLY.get(name)
+    if pair is None:
+        return  # SQLite: the ORM guard is all there is (see docs/design.md)
+    _install_reset(connection.engine)
+    # Marked first: the pool puts the setting back when the connection returns,
+    # whatever happens to the scope from here on.
+    connection.info[_RESET_KEY] = pair[1]
+    connection.exec_driver_sql(pair[0])
+
+
+_reset_installed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _install_reset(engine: Engine) -> None:
+    pool = engine.pool
+    if pool in _reset_installed:
+        return
+    _reset_installed.add(pool)
+
+    @event.listens_for(pool, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        statement = record.info.pop(_RESET_KEY, None)
+        if dbapi_connection is None or statement is None:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(statement)
+            finally:
+                cursor.close()
+            # The pool has already switched autocommit off again: without a COMMIT
+            # the reset would sit in an open transaction, and a rollback undo it.
+            dbapi_connection.commit()
+        except Exception as err:
+            # A connection that may still refuse writes must not serve anyone.
+            record.invalidate(err)
+
+
+def pool_ran_dry(engine: Engine) -> bool:
+    """Whether ``engine``'s pool has no connection to hand out: none idle and
+    none left to open (``pool_size + max_overflow`` checked out). A pool without
+    these figures counts as dry when it has connections out and none idle."""
+    pool: Any = engine.pool
+    try:
+        idle, out = pool.checkedin(), pool.checkedout()
+    except (NotImplementedError, AttributeError, TypeError):
+        return False
+    if idle > 0 or out == 0:
+        return False
+    size, overflow = getattr(pool, "_pool", None), getattr(pool, "_max_overflow", None)
+    limit = getattr(size, "maxsize", None)
+    if isinstance(limit, int) and isinstance(overflow, int) and overflow >= 0:
+        return bool(out >= limit + overflow)
+    return True
 
 
 def pool_status(engine: Engine | None) -> dict[str, Any]:

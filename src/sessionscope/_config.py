@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
-__all__ = ["PROPAGATIONS", "ChildTasks", "Propagation", "SessionConfig", "validate_overrides"]
+__all__ = [
+    "PROPAGATIONS",
+    "ChildTasks",
+    "Propagation",
+    "SessionConfig",
+    "is_autocommit",
+    "validate_overrides",
+]
 
 Propagation = Literal["required", "nested", "requires_new", "mandatory", "never"]
 ChildTasks = Literal["independent", "forbid"]
@@ -65,7 +73,9 @@ class SessionConfig:
     """Refuse writes (before they reach the server) and, where the backend can,
     open a read-only transaction."""
     isolation_level: str | None = None
-    """Transaction isolation for a scope that opens its own session."""
+    """Transaction isolation for a scope that opens its own session.
+    ``"AUTOCOMMIT"`` only together with ``read_only=True``: each statement would
+    commit as it runs, and a scope that fails could not roll its writes back."""
     timeout: float | None = None
     """Statement timeout in seconds for a scope that opens its own session
     (PostgreSQL ``SET LOCAL statement_timeout``; MariaDB ``max_statement_time``)."""
@@ -147,6 +157,13 @@ class SessionConfig:
             )
         if self.isolation_level is not None and not isinstance(self.isolation_level, str):
             raise TypeError(f"isolation_level must be a str or None, got {self.isolation_level!r}")
+        if is_autocommit(self.isolation_level) and not self.read_only:
+            raise ValueError(
+                f"isolation_level={self.isolation_level!r} needs read_only=True: in "
+                "autocommit mode every statement commits as it runs, so a scope that "
+                "fails could not roll its writes back. Use it for read-only scopes "
+                "(read_only=True, isolation_level='AUTOCOMMIT'), or drop it to write."
+            )
 
     @property
     def log_levelno(self) -> int:
@@ -174,10 +191,24 @@ def validate_overrides(overrides: Mapping[str, Any]) -> None:
         )
 
 
+def is_autocommit(isolation_level: object) -> bool:
+    """Whether ``isolation_level`` names autocommit mode, spelled as SQLAlchemy
+    accepts it (any case)."""
+    return (
+        isinstance(isolation_level, str)
+        and isolation_level.replace("_", " ").upper() == "AUTOCOMMIT"
+    )
+
+
 def _check_seconds(name: str, value: object, *, optional: bool) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        # nan compares false with everything: it would pass every check below
+        # and then never (or always) fire; inf would mean "never".
+        hint = " or None to disable it" if optional else ""
+        raise ValueError(f"{name} must be a finite number of seconds{hint}, got {value}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0 seconds, got {value}")

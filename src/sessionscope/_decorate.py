@@ -3,6 +3,7 @@ finding and hiding the ``session`` parameter, and injecting the session."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Hashable, Mapping
@@ -17,6 +18,7 @@ M = TypeVar("M")
 
 __all__ = [
     "Injection",
+    "callable_name",
     "detached_config",
     "options_key",
     "prepare",
@@ -90,26 +92,31 @@ def prepare(
     would close before the caller consumes it), for a sync function given to the
     async decorator or the reverse, and for a function without a ``session``
     parameter; ``ValueError``/``TypeError`` for invalid overrides.
+    Besides functions and methods it takes ``functools.partial`` objects and
+    callable instances (an ``async def __call__`` makes an instance async).
     Returns the injection plan, the public signature (without ``session``) and
-    the function's qualified name for statistics.
+    the name for statistics (see :func:`callable_name`).
     """
     decorator = "async_with_session" if is_async else "with_session"
     if not callable(func):
         raise TypeError(f"{decorator} decorates a function, got {func!r}")
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+    name = callable_name(func)
+    target = _code_of(func)
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (func, target)):
         raise TypeError(
-            f"{decorator} cannot decorate the generator function {func.__qualname__}: "
+            f"{decorator} cannot decorate the generator function {name}: "
             "its scope would end before the caller iterates it. Collect the results "
             "into a list inside the function, or open a scope inside the generator."
         )
-    if is_async and not inspect.iscoroutinefunction(func):
+    coroutine = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(target)
+    if is_async and not coroutine:
         raise TypeError(
-            f"async_with_session needs an async def function, got {func.__qualname__}; "
+            f"async_with_session needs an async def function, got {name}; "
             "use with_session for regular functions"
         )
-    if not is_async and inspect.iscoroutinefunction(func):
+    if not is_async and coroutine:
         raise TypeError(
-            f"with_session cannot decorate the coroutine function {func.__qualname__}; "
+            f"with_session cannot decorate the coroutine function {name}; "
             "use async_with_session"
         )
     SessionConfig().merged(overrides)  # raises now, not at the first call
@@ -119,15 +126,41 @@ def prepare(
     if not found:
         raise TypeError(
             f"{decorator} injects the session into a parameter named 'session', and "
-            f"{func.__qualname__}{signature} has none; add 'session' as a parameter"
+            f"{name}{signature} has none; add 'session' as a parameter"
         )
     index, param = found[0]
     if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-        raise TypeError(f"the 'session' parameter of {func.__qualname__} cannot be *args/**kwargs")
+        raise TypeError(f"the 'session' parameter of {name} cannot be *args/**kwargs")
     keyword_only = param.kind is param.KEYWORD_ONLY
     public = signature.replace(parameters=[p for p in params if p.name != _SESSION_PARAM])
-    name = f"{func.__module__}.{func.__qualname__}"
     return Injection(index, keyword_only, session_types), public, name
+
+
+def _unwrap_partial(func: Any) -> Any:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
+
+
+def _code_of(func: Callable[..., Any]) -> Any:
+    """What runs when ``func`` is called: the function behind partials, or the
+    ``__call__`` method of a callable instance (the generator and coroutine
+    checks look at a function's code)."""
+    target = _unwrap_partial(func)
+    if inspect.isroutine(target) or inspect.isclass(target):
+        return target
+    return getattr(type(target), "__call__", target)  # noqa: B004 - the method itself
+
+
+def callable_name(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function or method; for a ``functools.partial``
+    that of the function it wraps; for a callable instance that of its class."""
+    target = _unwrap_partial(func)
+    qualname = getattr(target, "__qualname__", None)  # an instance has none
+    if isinstance(qualname, str):
+        return f"{getattr(target, '__module__', None) or type(target).__module__}.{qualname}"
+    cls = type(target)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def options_key(overrides: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...] | None:

@@ -52,9 +52,15 @@ class SessionManager:
     """Engines, session factories, configuration and statistics of one database.
 
     ``SessionManager()`` with no URL uses ``DATABASE_URL`` or the embedded SQLite
-    file. The async URL is derived from the sync one unless given. An existing
-    ``Engine`` / ``AsyncEngine`` can be passed instead of URLs, so an application
-    keeps its engine (and its own ``get_db()``) while it migrates. Remaining
+    file. The async URL is derived from the sync one unless given; an async URL
+    given as ``url`` (``postgresql+asyncpg://...``) is the async URL, and the sync
+    engine uses the matching sync driver. A URL without a driver
+    (``postgresql://``, ``mysql://``) uses psycopg / PyMySQL (asyncpg / aiomysql
+    async), the drivers of the package's extras. An engine option or a given
+    engine that runs every session in autocommit raises ``ValueError`` (a failed
+    scope could not roll back). An existing ``Engine`` / ``AsyncEngine`` can be
+    passed instead of URLs, so an application keeps its engine (and its own
+    ``get_db()``) while it migrates. Remaining
     keyword arguments are engine options (``pool_size=...``, ``echo=...``).
 
     Engines are created on first use, so constructing a manager never connects
@@ -96,13 +102,22 @@ class SessionManager:
             raise TypeError("pass either async_url= or async_engine=, not both")
         if url is None and engine is None:
             if async_engine is not None:
-                url = _backend.sync_url_for(async_engine.url)
+                url = async_engine.url
             elif async_url is not None:
-                url = _backend.sync_url_for(async_url)
+                url = async_url
             else:
                 url = _backend.default_url()
-        self._url: URL | None = None if engine is not None else make_url(url)  # type: ignore[arg-type]
+        self._url: URL | None = None
+        if engine is None:
+            assert url is not None
+            given = make_url(url)
+            if async_url is None and async_engine is None and _backend.is_async_url(given):
+                # An async URL given as the URL (often DATABASE_URL): the async side
+                # uses it as given, the sync side the matching sync driver.
+                async_url = given
+            self._url = _backend.sync_url_for(given)
         self._async_url = async_url
+        _backend.refuse_autocommit(engine, async_engine, engine_options)
         self._engine = engine
         self._async_engine = async_engine
         self._engine_options = dict(engine_options)
@@ -577,9 +592,10 @@ class SessionManager:
         # The moment the long-held warning is for: name the sessions holding the pool.
         _watch.warn_overdue(self.stats, time.perf_counter())
         status: dict[str, Any] = {}
-        pools = self.pool_status()
-        # Name the pool(s) that ran dry (no idle connection), not every engine's.
-        full = {side: f for side, f in pools.items() if f.get("checked_in", 0) == 0}
+        engines = self.engines_by_role()
+        pools = {role: _backend.pool_status(engine) for role, engine in engines.items()}
+        # Name the pool(s) that ran dry, not an idle one that has no connection yet.
+        full = {role: pools[role] for role, e in engines.items() if _backend.pool_ran_dry(e)}
         for side, figures in (full or pools).items():
             for key, value in figures.items():
                 if key != "pool_class":

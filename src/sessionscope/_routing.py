@@ -28,13 +28,14 @@ a write, so reads never extend the read-your-writes window.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
@@ -65,6 +66,10 @@ SELECTIONS: Final = frozenset({"round_robin", "random"})
 # window would keep extending it, and never go back to the replicas).
 READ_MARK: Final = "sessionscope_routed_read"
 _ROUTE: Final = "sessionscope_route"
+# What a failed connect raises: SQLAlchemy's wrapped driver errors, and what the
+# async drivers raise unwrapped (asyncpg: OSError; a connect timeout is
+# asyncio.TimeoutError, not an OSError before Python 3.11).
+_CONNECT_ERRORS: Final = (sa_exc.DBAPIError, OSError, asyncio.TimeoutError)
 
 logger = logging.getLogger("sessionscope")
 
@@ -112,8 +117,10 @@ def validate_routing(
     for name, seconds in (("read_your_writes", read_your_writes), ("replica_cooldown", cooldown)):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise TypeError(f"{name} must be a number of seconds, got {seconds!r}")
-        if seconds < 0 or math.isnan(seconds):
-            raise ValueError(f"{name} must be >= 0 seconds (0 disables it), got {seconds}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(
+                f"{name} must be a finite number of seconds >= 0 (0 disables it), got {seconds}"
+            )
 
 
 class _Replica:
@@ -142,21 +149,19 @@ class _Replica:
         self.name = name
         self.engine: Engine | None = sync if isinstance(sync, Engine) else None
         self.async_engine: AsyncEngine | None = async_ if isinstance(async_, AsyncEngine) else None
-        if isinstance(sync, Engine):
-            self.url = sync.url
-        elif sync is not None:
-            self.url = make_url(sync)
-        else:
+        # The manager's URL rules: an async URL in replicas= serves the async side
+        # as given and the sync side through the package's sync driver.
+        given = sync.url if isinstance(sync, Engine) else sync
+        if given is None:
             assert async_ is not None
-            self.url = _backend.sync_url_for(
-                async_.url if isinstance(async_, AsyncEngine) else async_
-            )
+            given = async_.url if isinstance(async_, AsyncEngine) else async_
+        self.url = sync.url if isinstance(sync, Engine) else _backend.sync_url_for(given)
         if isinstance(async_, AsyncEngine):
             self.async_url = async_.url
         elif async_ is not None:
             self.async_url = make_url(async_)
         else:
-            self.async_url = _backend.async_url_for(self.url)
+            self.async_url = _backend.async_url_for(given)
         self.factory: sessionmaker[Session] | None = None
         self.async_factory: async_sessionmaker[AsyncSession] | None = None
         self.down_until = -math.inf
@@ -332,7 +337,24 @@ class Router:
         session would cost more than the rest of the routing)."""
         routed = self._routed.get(base)
         if routed is None:
-            routed = type(base.__name__, (base,), {"__module__": base.__module__})
+            router = self
+
+            def connection(session: Session, *args: Any, **kwargs: Any) -> Connection:
+                # Every first connection of a routed session passes here: the ORM's
+                # (from _on_execute) and the caller's own session.connection(),
+                # which no execution hook sees.
+                route: _Route | None = session.info.get(_ROUTE)
+                if route is None:
+                    return base.connection(session, *args, **kwargs)
+                return router._connect(
+                    session, route, lambda: base.connection(session, *args, **kwargs)
+                )
+
+            routed = type(
+                base.__name__,
+                (base,),
+                {"__module__": base.__module__, "connection": connection},
+            )
             event.listen(routed, "do_orm_execute", self._on_execute)
             self._routed[base] = routed
         return routed
@@ -413,17 +435,24 @@ class Router:
         return None
 
     def _on_execute(self, state: ORMExecuteState) -> None:
-        # The session's first statement: connect now, so that a replica that
-        # cannot be reached is replaced before anything ran on it.
+        # The session's first statement through the ORM: connect now (through the
+        # routed class's connection(), below).
         session = state.session
-        route: _Route | None = session.info.get(_ROUTE)
-        if route is None:
-            return
+        if _ROUTE in session.info:
+            session.connection()
+
+    def _connect(
+        self, session: Session, route: _Route, connect: Callable[[], Connection]
+    ) -> Connection:
+        """Connect ``session`` for the first time, so that a replica that cannot be
+        reached is replaced before anything ran on it: on a failed connect the
+        replica cools down and the session is re-pointed to the next healthy
+        replica, then to the primary. Returns ``connect()``'s connection."""
         while route.replica is not None:
             replica = route.replica
             try:
-                session.connection()
-            except (sa_exc.DBAPIError, OSError) as err:
+                connection = connect()
+            except _CONNECT_ERRORS as err:
                 if not isinstance(err, sa_exc.DBAPIError):
                     # A driver error SQLAlchemy does not wrap (asyncpg raises
                     # OSError) bypasses the engine's handle_error hook.
@@ -436,8 +465,10 @@ class Router:
             if replica.suspect:
                 replica.suspect = False
                 logger.info("%s serves reads again", replica.name)
-            route.replica = None
+            session.info.pop(_ROUTE, None)
+            return connection
         session.info.pop(_ROUTE, None)
+        return connect()
 
     def _reroute(self, session: Session, route: _Route) -> None:
         old = route.replica
