@@ -246,3 +246,21 @@ async def test_stopped_standby_cools_down_the_async_replica(
         await manager.adispose()
         if not replica.running:
             replica.start()
+
+
+def test_fallback_inside_a_joined_scope_is_not_the_body_rollback(
+    routed: tuple[SessionManager, str],
+) -> None:
+    """The routing fallback rolls back the empty transaction before re-pointing
+    the session; when the first statement runs in a joined inner scope, that
+    rollback is sessionscope's own, not the body's, and spoils nothing."""
+    manager, primary = routed
+
+    @manager.with_session
+    def names(session: Session) -> set[str]:
+        return set(session.execute(text(NAMES)).scalars())
+
+    with manager.session_scope(read_only=True):
+        assert names() == {"written"}
+    assert manager.get_stats()["failed_transactions"] == 0
+    assert_clean(manager, primary, {"written"})

@@ -23,6 +23,7 @@ from ._errors import ReadOnlyError
 
 __all__ = [
     "DEFAULT_SQLITE_URL",
+    "INTERNAL_ROLLBACK",
     "apply_sqlite_savepoint_recipe",
     "async_url_for",
     "begin_statements",
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 DEFAULT_SQLITE_URL: Final = "sqlite:///sessionscope.db"
+
+INTERNAL_ROLLBACK: Final = "sessionscope_internal_rollback"
+"""``session.info`` key set while sessionscope itself rolls a session back in the
+middle of a scope (a routing fallback before the first statement), so the
+transaction core does not take it for the scope body's own rollback."""
 
 _ASYNC_DRIVERS: Final = {
     "sqlite": "aiosqlite",

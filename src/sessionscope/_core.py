@@ -52,6 +52,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _watch
+from ._backend import INTERNAL_ROLLBACK
 from ._errors import (
     ActiveScopeError,
     CommitOutcomeUnknownError,
@@ -82,7 +83,6 @@ __all__ = [
     "exit_frame",
     "find_outer",
     "install_session_events",
-    "internal_rollback",
     "logger",
     "new_frame",
     "next_retry",
@@ -1071,8 +1071,8 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
-    if previous.parent is not None:
-        return  # a savepoint
+    if previous.parent is not None or session.info.get(INTERNAL_ROLLBACK):
+        return  # a savepoint, or sessionscope's own (a routing fallback)
     root = _body_root(session)
     if root is None:
         return
@@ -1088,21 +1088,6 @@ def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None
         # is a new transaction of its own.
         root.veto = None
         root.cause = None
-
-
-@contextlib.contextmanager
-def internal_rollback(session: Session) -> Iterator[None]:
-    """Run sessionscope's own ``session.rollback()`` inside a scope (a routing
-    fallback before the first statement) without it counting as the body's."""
-    root = _body_root(session)
-    if root is None:
-        yield
-        return
-    root.state = _ENDING
-    try:
-        yield
-    finally:
-        root.state = _ACTIVE
 
 
 # -- retry -----------------------------------------------------------------------

@@ -459,7 +459,11 @@ class Router:
                     self._mark_down(replica, err)
                 # Nothing ran yet; this ends the empty transaction (and drops a
                 # connection that failed after it was made) before re-pointing.
-                session.rollback()
+                session.info[_backend.INTERNAL_ROLLBACK] = True
+                try:
+                    session.rollback()
+                finally:
+                    del session.info[_backend.INTERNAL_ROLLBACK]
                 self._reroute(session, route)
                 continue
             if replica.suspect:
