@@ -320,7 +320,7 @@ class SessionManager(Generic[S_co, AS_co]):
         """The current configuration of this manager."""
         return self._config
 
-    def configure(self, **fields: Any) -> SessionConfig:
+    def configure(self, **fields: Unpack[ScopeOptions]) -> SessionConfig:
         """Change this manager's configuration; returns the new config.
 
         Validates first: on an invalid value nothing changes.

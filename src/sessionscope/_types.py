@@ -7,17 +7,17 @@ type checker sees a decorated function's real parameters, minus the injected
 session, and still accepts a session passed explicitly in its place.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": TypedDict reads NotRequired/Required
+# from evaluated annotations (on Python 3.10 too).
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypedDict, overload
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, overload
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 # typing_extensions (a dependency of SQLAlchemy itself): TypeVar defaults (PEP 696)
-# and NotRequired/Required/Unpack on every supported Python version.
-from typing_extensions import NotRequired, Required, TypeVar
+# and a TypedDict that knows NotRequired/Required on every supported Python version.
+from typing_extensions import NotRequired, Required, TypedDict, TypeVar
 
 __all__ = [
     "AS",
@@ -210,7 +210,7 @@ class SessionMethod(Protocol[O, SessT_inv, P, R]):
     @overload
     def __get__(self, obj: Any, owner: O, /) -> SessionFunction[SessT_inv, P, R]: ...
     @overload
-    def __get__(self, obj: None, owner: Any, /) -> SessionMethod[O, SessT_inv, P, R]: ...
+    def __get__(self, obj: None, owner: Any, /) -> "SessionMethod[O, SessT_inv, P, R]": ...
     @overload
     def __call__(self, owner: O, /, *args: P.args, **kwargs: P.kwargs) -> R: ...
     @overload
