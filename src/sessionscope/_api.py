@@ -96,9 +96,9 @@ def setup_database_connection(
 def get_default_manager() -> SessionManager:
     """The manager built by :func:`setup_database_connection`.
 
-    Typed with the base ``Session`` / ``AsyncSession`` classes: with a custom
-    session class, keep the manager that :func:`setup_database_connection`
-    returned, which carries it. Raises :class:`SessionFactoryNotInitializedError` before setup.
+    Raises :class:`SessionFactoryNotInitializedError` before setup. Typed with
+    the base ``Session`` / ``AsyncSession`` classes: with a custom session class,
+    keep the manager :func:`setup_database_connection` returned, which carries it.
     """
     manager = _default
     if manager is None:
