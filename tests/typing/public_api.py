@@ -316,6 +316,30 @@ def generic_count(session: Session) -> int:
     return 0
 
 
+class HeroRepository:
+    """A manager's decorators on methods, bare and called."""
+
+    @sqlmodel_manager.with_session(read_only=True)
+    def names(self, session: SQLModelSession) -> list[str]:
+        return []
+
+    @sqlmodel_manager.async_with_session
+    async def acount(self, session: SQLModelAsyncSession, limit: int) -> int:
+        return 0
+
+
+def check_manager_methods(
+    repo: HeroRepository, session: SQLModelSession, asession: SQLModelAsyncSession
+) -> None:
+    assert_type(repo.names(), list[str])
+    assert_type(repo.names(session), list[str])
+    assert_type(HeroRepository.names(repo), list[str])
+    _coroutine = assert_type(repo.acount(5), Coroutine[Any, Any, int])
+    _coroutine = assert_type(repo.acount(asession, 5), Coroutine[Any, Any, int])
+    repo.names(Session())  # type: ignore[call-overload]
+    _ = repo.acount("5")  # type: ignore[call-overload]
+
+
 def check_session_classes() -> None:
     assert_type(sqlmodel_manager, SessionManager[SQLModelSession, SQLModelAsyncSession])
     assert_type(plain_manager, SessionManager[Session, AsyncSession])
