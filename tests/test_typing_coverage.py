@@ -153,6 +153,9 @@ def test_typed_forms_inject_and_join_at_run_time(sqlite_manager: SessionManager)
         assert user is not None
         user.name = name
 
+    # The attributes the protocol types declare (functools.wraps sets them).
+    assert rename.__name__ == "rename" and rename.__wrapped__.__name__ == "rename"
+    assert Repository.add.__qualname__.endswith("Repository.add")
     repo = Repository()
     first = repo.add("ann")
     assert Repository.count("an") == 1 and repo.count("an") == 1

@@ -189,6 +189,12 @@ class SessionFunction(Protocol[SessT_contra, P, R_co]):  # pyright: ignore[repor
     cannot add that keyword back, so type checkers only accept it positionally.
     """
 
+    # What functools.wraps gives the wrapper: the wrapped function's names, and
+    # the wrapped function itself.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
     @overload
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
     @overload
@@ -204,6 +210,10 @@ class SessionMethod(Protocol[O, SessT_inv, P, R]):
     :class:`SessionFunction` without ``self``; read through the class it takes
     the instance first, as a plain method does.
     """
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
 
     @overload
     def __get__(self, obj: O, owner: Any, /) -> SessionFunction[SessT_inv, P, R]: ...

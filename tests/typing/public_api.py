@@ -158,6 +158,9 @@ def check_decorated_sync_function(session: Session) -> None:
     assert_type(create_user(session, "ann"), User)  # an explicit session, positionally
     assert_type(count_users(), int)
     assert_type(count_users(session), int)
+    assert_type(create_user.__name__, str)  # what functools.wraps copied
+    assert_type(create_user.__wrapped__, Callable[..., Any])
+    assert_type(UserRepository.add.__qualname__, str)
     create_user(1, 2, 3, bogus=5)  # type: ignore[call-overload]
     create_user()  # type: ignore[call-overload]
     create_user("ann", admin="yes")  # type: ignore[call-overload]
