@@ -531,7 +531,7 @@ async def test_before_setup_requests_fail_with_the_setup_hint(
 
 def test_get_sync_db_is_a_distinct_dependency() -> None:
     assert get_sync_db is not get_db
-    assert get_db.__name__ == "get_db" and get_sync_db.__name__ == "get_sync_db"
+    assert get_db.__name__ == "get_async_db" and get_sync_db.__name__ == "get_sync_db"
 
 
 # -- load -----------------------------------------------------------------------------

@@ -45,6 +45,14 @@ from ._errors import (
 )
 from ._manager import SessionManager
 from ._retry import error_code, is_transient
+from ._types import (
+    FunctionStats,
+    PoolStats,
+    RoutingStats,
+    SessionFunction,
+    SessionMethod,
+    SessionStats,
+)
 
 __version__ = "0.1.0"
 
@@ -65,14 +73,20 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ActiveScopeError",
     "CommitOutcomeUnknownError",
+    "FunctionStats",
     "NoActiveScopeError",
     "PoolExhaustedError",
+    "PoolStats",
     "ReadOnlyError",
     "RollbackOnlyError",
+    "RoutingStats",
     "SessionConfig",
     "SessionFactoryNotInitializedError",
+    "SessionFunction",
     "SessionManager",
+    "SessionMethod",
     "SessionScopeError",
+    "SessionStats",
     "async_session_scope",
     "async_with_retry",
     "async_with_session",

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from typing_extensions import Unpack
 
 from . import _core
-from ._async import AsyncScope, decorate_async
+from ._async import decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._errors import SessionFactoryNotInitializedError
 from ._manager import SessionManager
-from ._sync import SyncScope, decorate_sync
+from ._sync import decorate_sync
+from ._types import (
+    AS,
+    AsyncSessionDecorator,
+    S,
+    ScopeOptions,
+    SessionDecorator,
+    SessionFunction,
+    SessionMethod,
+    SessionStats,
+)
 
 __all__ = [
     "async_session_scope",
@@ -34,6 +48,9 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
+O = TypeVar("O")  # noqa: E741 - the owner (self / cls / first argument) of a method
+SessT = TypeVar("SessT", bound=Session)
+ASessT = TypeVar("ASessT", bound=AsyncSession)
 
 _logger = logging.getLogger("sessionscope")
 _lock = threading.Lock()
@@ -43,8 +60,13 @@ _logger.setLevel(_config.log_levelno)
 
 
 def setup_database_connection(
-    url: str | URL | None = None, *, async_url: str | URL | None = None, **options: Any
-) -> SessionManager:
+    url: str | URL | None = None,
+    *,
+    async_url: str | URL | None = None,
+    session_class: type[S] | None = None,
+    async_session_class: type[AS] | None = None,
+    **options: Any,
+) -> SessionManager[S, AS]:
     """Build the default manager's engines and session factories (lazily).
 
     ``url`` defaults to ``DATABASE_URL``, else the embedded SQLite file
@@ -57,7 +79,14 @@ def setup_database_connection(
     """
     global _default
     with _lock:
-        manager = SessionManager(url, async_url=async_url, config=_config, **options)
+        manager: SessionManager[S, AS] = SessionManager(
+            url,
+            async_url=async_url,
+            config=_config,
+            session_class=session_class,
+            async_session_class=async_session_class,
+            **options,
+        )
         if _default is not None:
             manager.stats = _default.stats
         _default = manager
@@ -67,7 +96,9 @@ def setup_database_connection(
 def get_default_manager() -> SessionManager:
     """The manager built by :func:`setup_database_connection`.
 
-    Raises :class:`SessionFactoryNotInitializedError` before setup.
+    Raises :class:`SessionFactoryNotInitializedError` before setup. Typed with
+    the base ``Session`` / ``AsyncSession`` classes: with a custom session class,
+    keep the manager :func:`setup_database_connection` returned, which carries it.
     """
     manager = _default
     if manager is None:
@@ -75,7 +106,7 @@ def get_default_manager() -> SessionManager:
     return manager
 
 
-def configure_session(**fields: Any) -> SessionConfig:
+def configure_session(**fields: Unpack[ScopeOptions]) -> SessionConfig:
     """Set global configuration (see :class:`SessionConfig` for the fields).
 
     Validates first: an invalid value raises ``ValueError``/``TypeError`` and
@@ -92,7 +123,7 @@ def configure_session(**fields: Any) -> SessionConfig:
     return new
 
 
-def session_scope(**overrides: Any) -> SyncScope:
+def session_scope(**overrides: Unpack[ScopeOptions]) -> AbstractContextManager[Session, None]:
     """Context manager yielding a ``Session`` of the default manager.
 
     Outermost: a new session; BEGIN happens at the first statement; COMMIT on
@@ -102,26 +133,38 @@ def session_scope(**overrides: Any) -> SyncScope:
     return get_default_manager().session_scope(**overrides)
 
 
-def async_session_scope(**overrides: Any) -> AsyncScope:
+def async_session_scope(
+    **overrides: Unpack[ScopeOptions],
+) -> AbstractAsyncContextManager[AsyncSession, None]:
     """Async context manager yielding an ``AsyncSession``; see :func:`session_scope`."""
     return get_default_manager().async_session_scope(**overrides)
 
 
 @overload
-def with_session(func: Callable[P, T], /) -> Callable[..., T]: ...
+def with_session(  # type: ignore[overload-overlap]  # first match wins: session first
+    func: Callable[Concatenate[SessT, P], T], /
+) -> SessionFunction[SessT, P, T]: ...
 @overload
 def with_session(
-    func: None = None, /, **overrides: Any
-) -> Callable[[Callable[P, T]], Callable[..., T]]: ...
+    func: Callable[Concatenate[O, SessT, P], T], /
+) -> SessionMethod[O, SessT, P, T]: ...
+@overload
+def with_session(func: None = None, /, **overrides: Unpack[ScopeOptions]) -> SessionDecorator: ...
 
 
-def with_session(func: Callable[P, T] | None = None, /, **overrides: Any) -> Any:
+def with_session(
+    func: Callable[..., Any] | None = None, /, **overrides: Unpack[ScopeOptions]
+) -> Any:
     """Decorator running a function in a session scope, the session injected into
     its ``session`` parameter (hidden from the wrapper's signature).
 
     Usable bare (``@with_session``) or called (``@with_session(auto_commit=False)``).
     A session passed explicitly (positionally or ``session=``) is used and its
     transaction joined. Transient errors are retried when the call is outermost.
+
+    Types: the decorated function keeps its parameters minus ``session`` when
+    ``session`` is its first parameter (:class:`SessionFunction`) or its second,
+    after ``self``/``cls`` (:class:`SessionMethod`); see the guide's typing section.
     """
     if func is None:
         validate_overrides(overrides)
@@ -130,23 +173,57 @@ def with_session(func: Callable[P, T] | None = None, /, **overrides: Any) -> Any
 
 
 @overload
-def async_with_session(func: Callable[P, Awaitable[T]], /) -> Callable[..., Awaitable[T]]: ...
+def async_with_session(  # type: ignore[overload-overlap]  # first match wins: session first
+    func: Callable[Concatenate[ASessT, P], Coroutine[Any, Any, T]], /
+) -> SessionFunction[ASessT, P, Coroutine[Any, Any, T]]: ...
 @overload
 def async_with_session(
-    func: None = None, /, **overrides: Any
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[..., Awaitable[T]]]: ...
+    func: Callable[Concatenate[O, ASessT, P], Coroutine[Any, Any, T]], /
+) -> SessionMethod[O, ASessT, P, Coroutine[Any, Any, T]]: ...
+@overload
+def async_with_session(
+    func: None = None, /, **overrides: Unpack[ScopeOptions]
+) -> AsyncSessionDecorator: ...
 
 
-def async_with_session(func: Callable[P, Awaitable[T]] | None = None, /, **overrides: Any) -> Any:
-    """Async twin of :func:`with_session` for ``async def`` functions."""
+def async_with_session(
+    func: Callable[..., Any] | None = None, /, **overrides: Unpack[ScopeOptions]
+) -> Any:
+    """Async twin of :func:`with_session` for ``async def`` functions; the
+    decorated function returns a coroutine (``Coroutine[Any, Any, T]``)."""
     if func is None:
         validate_overrides(overrides)
         return lambda f: decorate_async(f, overrides, get_default_manager)
     return decorate_async(func, {}, get_default_manager)
 
 
+@overload
 def with_retry(
     func: Callable[..., T],
+    /,
+    *args: Any,
+    max_retries: int | None,
+    retry_delay: float | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+def with_retry(
+    func: Callable[..., T],
+    /,
+    *args: Any,
+    max_retries: int | None = None,
+    retry_delay: float | None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+def with_retry(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+
+# The implementation keeps max_retries / retry_delay for itself: a function with
+# keywords of those names cannot receive them through with_retry.
+def with_retry(  # type: ignore[misc]
+    func: Callable[..., T],
+    /,
     *args: Any,
     max_retries: int | None = None,
     retry_delay: float | None = None,
@@ -155,34 +232,66 @@ def with_retry(
     """Call ``func(*args, **kwargs)``; on a transient database error, back off
     exponentially (with jitter) and call it again, up to ``max_retries`` times
     (default: ``retry_attempts``). Inside a scope it calls once: the error goes
-    to the outermost retrying boundary."""
+    to the outermost retrying boundary.
+
+    Types: without ``max_retries``/``retry_delay`` the arguments are checked
+    against ``func``'s parameters. With them, only the result type is (a
+    ``ParamSpec`` cannot carry extra keywords); to keep the check, pass a
+    closure: ``with_retry(lambda: func(a, b), max_retries=5)``.
+    """
     return get_default_manager().with_retry(
         func, *args, max_retries=max_retries, retry_delay=retry_delay, **kwargs
     )
 
 
+@overload
 async def async_with_retry(
     func: Callable[..., Awaitable[T]],
+    /,
+    *args: Any,
+    max_retries: int | None,
+    retry_delay: float | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_with_retry(
+    func: Callable[..., Awaitable[T]],
+    /,
+    *args: Any,
+    max_retries: int | None = None,
+    retry_delay: float | None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_with_retry(
+    func: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T: ...
+
+
+async def async_with_retry(  # type: ignore[misc]  # see with_retry
+    func: Callable[..., Awaitable[T]],
+    /,
     *args: Any,
     max_retries: int | None = None,
     retry_delay: float | None = None,
     **kwargs: Any,
 ) -> T:
-    """Async twin of :func:`with_retry`."""
+    """Async twin of :func:`with_retry` (types likewise)."""
     return await get_default_manager().async_with_retry(
         func, *args, max_retries=max_retries, retry_delay=retry_delay, **kwargs
     )
 
 
-def get_session_stats() -> dict[str, Any]:
+def get_session_stats() -> SessionStats:
     """Statistics of the default manager: the seed keys (``session_count``,
     ``active_sessions``, ``total_transactions``, ``failed_transactions``,
-    ``success_rate`` in percent) and more; zeros before setup."""
+    ``success_rate`` in percent) and more (see :class:`SessionStats`); zeros
+    before setup."""
     manager = _default
     if manager is None:
         from ._stats import Stats
 
-        snapshot = Stats().snapshot()
+        snapshot = cast(SessionStats, Stats().snapshot())
         snapshot["pool"] = {}
         return snapshot
     return manager.get_stats()

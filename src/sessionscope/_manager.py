@@ -7,9 +7,9 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any, ParamSpec, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import Unpack
 
 from . import _backend, _core, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
@@ -30,11 +31,24 @@ from ._errors import PoolExhaustedError
 from ._routing import Router
 from ._stats import Stats
 from ._sync import SyncScope, call_with_retry, decorate_sync
+from ._types import (
+    AS_co,
+    ManagerAsyncSessionDecorator,
+    ManagerSessionDecorator,
+    PoolStats,
+    RoutingStats,
+    S_co,
+    ScopeOptions,
+    SessionFunction,
+    SessionMethod,
+    SessionStats,
+)
 
 __all__ = ["SessionManager"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+O = TypeVar("O")  # noqa: E741 - the owner (self / cls / first argument) of a method
 
 _CACHE_LIMIT = 256
 
@@ -48,8 +62,12 @@ def _in_scope() -> bool:
     return _core.current_frame(_core.context_key()) is not None
 
 
-class SessionManager:
+class SessionManager(Generic[S_co, AS_co]):
     """Engines, session factories, configuration and statistics of one database.
+
+    Generic in its session classes: ``SessionManager(url, session_class=SQLModelSession)``
+    is a ``SessionManager[SQLModelSession]``, whose scopes yield that class to a
+    type checker; without a class it is ``SessionManager[Session, AsyncSession]``.
 
     ``SessionManager()`` with no URL uses ``DATABASE_URL`` or the embedded SQLite
     file. The async URL is derived from the sync one unless given; an async URL
@@ -85,8 +103,8 @@ class SessionManager:
         engine: Engine | None = None,
         async_engine: AsyncEngine | None = None,
         config: SessionConfig | None = None,
-        session_class: type[Session] | None = None,
-        async_session_class: type[AsyncSession] | None = None,
+        session_class: type[S_co] | None = None,
+        async_session_class: type[AS_co] | None = None,
         session_options: Mapping[str, Any] | None = None,
         name: str | None = None,
         replicas: Sequence[str | URL | Engine] | None = None,
@@ -344,7 +362,7 @@ class SessionManager:
         """The current configuration of this manager."""
         return self._config
 
-    def configure(self, **fields: Any) -> SessionConfig:
+    def configure(self, **fields: Unpack[ScopeOptions]) -> SessionConfig:
         """Change this manager's configuration; returns the new config.
 
         Validates first: on an invalid value nothing changes.
@@ -370,26 +388,43 @@ class SessionManager:
 
     # -- scopes ----------------------------------------------------------------
 
-    def session_scope(self, **overrides: Any) -> SyncScope:
-        """A context manager yielding a ``Session`` in a transaction scope."""
+    def session_scope(
+        self, **overrides: Unpack[ScopeOptions]
+    ) -> AbstractContextManager[S_co, None]:
+        """A context manager yielding a ``Session`` (of this manager's session
+        class) in a transaction scope."""
+        # The scope opens sessions of this manager's class: its static type says so.
         if not overrides:
-            return SyncScope(self, self._config)
-        return SyncScope(self, self._resolve(options_key(overrides), overrides))
+            return cast("AbstractContextManager[S_co, None]", SyncScope(self, self._config))
+        scope = SyncScope(self, self._resolve(options_key(overrides), overrides))
+        return cast("AbstractContextManager[S_co, None]", scope)
 
-    def async_session_scope(self, **overrides: Any) -> AsyncScope:
-        """An async context manager yielding an ``AsyncSession`` in a transaction scope."""
+    def async_session_scope(
+        self, **overrides: Unpack[ScopeOptions]
+    ) -> AbstractAsyncContextManager[AS_co, None]:
+        """An async context manager yielding an ``AsyncSession`` (of this manager's
+        async session class) in a transaction scope."""
         if not overrides:
-            return AsyncScope(self, self._config)
-        return AsyncScope(self, self._resolve(options_key(overrides), overrides))
+            return cast("AbstractAsyncContextManager[AS_co, None]", AsyncScope(self, self._config))
+        scope = AsyncScope(self, self._resolve(options_key(overrides), overrides))
+        return cast("AbstractAsyncContextManager[AS_co, None]", scope)
 
     @overload
-    def with_session(self, func: Callable[P, T], /) -> Callable[..., T]: ...
+    def with_session(  # type: ignore[overload-overlap]  # first match wins: session first
+        self, func: Callable[Concatenate[S_co, P], T], /
+    ) -> SessionFunction[S_co, P, T]: ...
     @overload
     def with_session(
-        self, func: None = None, /, **overrides: Any
-    ) -> Callable[[Callable[P, T]], Callable[..., T]]: ...
+        self, func: Callable[Concatenate[O, S_co, P], T], /
+    ) -> SessionMethod[O, S_co, P, T]: ...
+    @overload
+    def with_session(
+        self, func: None = None, /, **overrides: Unpack[ScopeOptions]
+    ) -> ManagerSessionDecorator[S_co]: ...
 
-    def with_session(self, func: Callable[P, T] | None = None, /, **overrides: Any) -> Any:
+    def with_session(
+        self, func: Callable[..., Any] | None = None, /, **overrides: Unpack[ScopeOptions]
+    ) -> Any:
         """Decorator: run the function in a scope of this manager; see
         :func:`sessionscope.with_session`."""
         if func is None:
@@ -398,16 +433,20 @@ class SessionManager:
         return decorate_sync(func, {}, self._self)
 
     @overload
-    def async_with_session(
-        self, func: Callable[P, Awaitable[T]], /
-    ) -> Callable[..., Awaitable[T]]: ...
+    def async_with_session(  # type: ignore[overload-overlap]  # first match wins: session first
+        self, func: Callable[Concatenate[AS_co, P], Coroutine[Any, Any, T]], /
+    ) -> SessionFunction[AS_co, P, Coroutine[Any, Any, T]]: ...
     @overload
     def async_with_session(
-        self, func: None = None, /, **overrides: Any
-    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[..., Awaitable[T]]]: ...
+        self, func: Callable[Concatenate[O, AS_co, P], Coroutine[Any, Any, T]], /
+    ) -> SessionMethod[O, AS_co, P, Coroutine[Any, Any, T]]: ...
+    @overload
+    def async_with_session(
+        self, func: None = None, /, **overrides: Unpack[ScopeOptions]
+    ) -> ManagerAsyncSessionDecorator[AS_co]: ...
 
     def async_with_session(
-        self, func: Callable[P, Awaitable[T]] | None = None, /, **overrides: Any
+        self, func: Callable[..., Any] | None = None, /, **overrides: Unpack[ScopeOptions]
     ) -> Any:
         """Async decorator: see :func:`sessionscope.async_with_session`."""
         if func is None:
@@ -415,25 +454,77 @@ class SessionManager:
             return lambda f: decorate_async(f, overrides, self._self)
         return decorate_async(func, {}, self._self)
 
-    def _self(self) -> SessionManager:
+    def _self(self) -> SessionManager[Any, Any]:
         return self
 
+    @overload
     def with_retry(
         self,
         func: Callable[..., T],
+        /,
+        *args: Any,
+        max_retries: int | None,
+        retry_delay: float | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    def with_retry(
+        self,
+        func: Callable[..., T],
+        /,
+        *args: Any,
+        max_retries: int | None = None,
+        retry_delay: float | None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    def with_retry(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    # See sessionscope.with_retry on max_retries / retry_delay.
+    def with_retry(  # type: ignore[misc]
+        self,
+        func: Callable[..., T],
+        /,
         *args: Any,
         max_retries: int | None = None,
         retry_delay: float | None = None,
         **kwargs: Any,
     ) -> T:
-        """Call ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
+        """Call ``func(*args, **kwargs)``, retrying transient errors (outermost
+        only); see :func:`sessionscope.with_retry`, types included."""
         cfg = self._retry_config(max_retries, retry_delay)
         name = getattr(func, "__qualname__", None)
         return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs), _in_scope())
 
+    @overload
     async def async_with_retry(
         self,
         func: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        max_retries: int | None,
+        retry_delay: float | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def async_with_retry(
+        self,
+        func: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        max_retries: int | None = None,
+        retry_delay: float | None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def async_with_retry(
+        self, func: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    async def async_with_retry(  # type: ignore[misc]
+        self,
+        func: Callable[..., Awaitable[T]],
+        /,
         *args: Any,
         max_retries: int | None = None,
         retry_delay: float | None = None,
@@ -455,20 +546,33 @@ class SessionManager:
         return self._resolve(options_key(overrides), overrides)
 
     @functools.cached_property
-    def get_db(self) -> Callable[..., Awaitable[AsyncSession]]:
-        """FastAPI dependency of this manager: ``db: AsyncSession = Depends(manager.get_db)``.
+    def get_async_db(self) -> Callable[..., Awaitable[AS_co]]:
+        """FastAPI dependency of this manager for ``async def`` path functions:
+        ``db: AsyncSession = Depends(manager.get_async_db)``.
 
         One async scope per request, committed after the path function returns and
         before the response is sent (see :mod:`sessionscope.fastapi`). The same
-        callable every time, so FastAPI resolves it once per request. Needs FastAPI.
+        callable every time, so FastAPI resolves it once per request. A ``def``
+        path function, or a parameter annotated with a sync ``Session``, given it
+        fails the request with a ``TypeError`` naming :attr:`get_sync_db`. Needs
+        FastAPI.
         """
-        from .fastapi import session_dependency
+        from .fastapi import async_session_dependency
 
-        return session_dependency(self)
+        return async_session_dependency(self)
+
+    @property
+    def get_db(self) -> Callable[..., Awaitable[AS_co]]:
+        """The same dependency as :attr:`get_async_db` (its former name, kept:
+        ``Depends(manager.get_db)`` and ``Depends(manager.get_async_db)`` are one
+        dependency)."""
+        return self.get_async_db
 
     @functools.cached_property
-    def get_sync_db(self) -> Callable[..., Awaitable[Session]]:
-        """Sync twin of :attr:`get_db`, for ``def`` path functions. Needs FastAPI."""
+    def get_sync_db(self) -> Callable[..., Awaitable[S_co]]:
+        """FastAPI dependency of this manager for ``def`` path functions:
+        ``db: Session = Depends(manager.get_sync_db)``; sync twin of
+        :attr:`get_async_db`. Needs FastAPI."""
         from .fastapi import sync_session_dependency
 
         return sync_session_dependency(self)
@@ -547,21 +651,24 @@ class SessionManager:
             engines.update(self._router.engines_by_role())
         return engines
 
-    def pool_status(self) -> dict[str, Any]:
+    def pool_status(self) -> dict[str, PoolStats]:
         """Pool figures per engine role (see :meth:`engines_by_role`): ``size``,
         ``checked_in``, ``checked_out``, ``overflow`` (SQLAlchemy's figure: negative
         while the pool has not filled up), ``timeout`` and ``pool_class``; pools
         without a figure (``StaticPool``, ``NullPool``, ...) report what they have."""
         return {
-            role: _backend.pool_status(engine) for role, engine in self.engines_by_role().items()
+            role: cast(PoolStats, _backend.pool_status(engine))
+            for role, engine in self.engines_by_role().items()
         }
 
-    def get_stats(self) -> dict[str, Any]:
-        """Statistics of this manager, with its pool status under ``"pool"``."""
-        snapshot = self.stats.snapshot()
+    def get_stats(self) -> SessionStats:
+        """Statistics of this manager (see :class:`SessionStats`), with its pool
+        status under ``"pool"`` and, with read replicas, ``"routing"``."""
+        # The snapshot is a new dict: it becomes the full statistics in place.
+        snapshot = cast(SessionStats, self.stats.snapshot())
         snapshot["pool"] = self.pool_status()
         if self._router is not None:
-            snapshot["routing"] = self._router.snapshot(snapshot["pool"])
+            snapshot["routing"] = cast(RoutingStats, self._router.snapshot(dict(snapshot["pool"])))
         return snapshot
 
     def reset_stats(self) -> None:

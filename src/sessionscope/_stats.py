@@ -26,7 +26,10 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._types import StatsSnapshot
 
 __all__ = ["DURATION_BUCKETS", "Stats", "TransactionListener"]
 
@@ -279,7 +282,7 @@ class Stats:
         }
         return totals
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StatsSnapshot:
         """Every figure since the last reset, as plain JSON-friendly values.
 
         ``success_rate`` is in percent (100.0 when nothing ran); durations are

@@ -2,10 +2,10 @@
 
 ::
 
-    from sessionscope.fastapi import SessionDep
+    from sessionscope.fastapi import AsyncSessionDep
 
     @app.post("/users", status_code=201)
-    async def create_user(data: UserIn, db: SessionDep) -> UserOut:
+    async def create_user(data: UserIn, db: AsyncSessionDep) -> UserOut:
         db.add(user := User(name=data.name))
         await db.flush()
         return user                  # COMMIT runs before the response is sent
@@ -19,14 +19,23 @@ How a request's scope behaves:
   while the session was still open) but not sent: a failed COMMIT reaches
   FastAPI's error handling and the client gets a 5xx (or what an exception
   handler you registered for the error returns), never a 2xx.
-  This holds with plain ``Depends(get_db)`` too: ``get_db`` is a plain coroutine
+  This holds with plain ``Depends(get_async_db)`` too: it is a plain coroutine
   whose own dependency carries ``scope="function"``.
 - Decorated functions (``@async_with_session``) called during the request join
   its session and transaction, as inside ``async_session_scope()``.
-- The sync variant (:data:`SyncSessionDep`, for ``def`` path functions) gives the
-  same guarantees; sync decorated functions called from the path function join
-  its session although FastAPI runs the dependency and the path function in
-  different worker threads.
+- The sync variant (:data:`SyncSessionDep`, :data:`get_sync_db`, for ``def`` path
+  functions) gives the same guarantees; sync decorated functions called from the
+  path function join its session although FastAPI runs the dependency and the
+  path function in different worker threads.
+
+Names say which kind of session they give: ``get_async_db``, ``AsyncSessionDep``
+and ``async_session_dependency`` an ``AsyncSession``; ``get_sync_db``,
+``SyncSessionDep`` and ``sync_session_dependency`` a ``Session``. The seed's
+``get_db``, ``SessionDep`` and ``session_dependency`` are the same objects as the
+async ones. A path function that takes the wrong kind directly (a ``def`` path
+function, or a parameter annotated ``Session``, given the async dependency; a
+parameter annotated ``AsyncSession`` given the sync one) fails its request with a
+``TypeError`` naming the right dependency.
 
 Each dependency function is one FastAPI dependency: it is resolved once per
 request and cached, and ``app.dependency_overrides[get_db] = ...`` replaces it.
@@ -35,30 +44,42 @@ The package root never imports this module, so FastAPI stays an optional extra.
 """
 
 import contextvars
+import inspect
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import Depends
+from fastapi import Depends, params
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from starlette.requests import HTTPConnection
+from typing_extensions import Unpack
 
 from . import _core
 from ._api import get_default_manager
 from ._config import SessionConfig
 from ._manager import SessionManager
+from ._types import AS, S, ScopeOptions
 
 __all__ = [
+    "AsyncSessionDep",
     "SessionDep",
     "SyncSessionDep",
+    "async_session_dependency",
+    "get_async_db",
     "get_db",
     "get_sync_db",
     "session_dependency",
     "sync_session_dependency",
 ]
 
+_CHECKED_LIMIT = 4096  # path functions remembered per dependency
 
-def _manager_getter(manager: SessionManager | None) -> Callable[[], SessionManager]:
+
+def _manager_getter(
+    manager: SessionManager[Any, Any] | None,
+) -> Callable[[], SessionManager[Any, Any]]:
     if manager is None:
         # Looked up per request: the application may set the database up after
         # importing its routes (for instance in a lifespan handler).
@@ -68,11 +89,14 @@ def _manager_getter(manager: SessionManager | None) -> Callable[[], SessionManag
     return lambda: manager
 
 
-def session_dependency(
-    manager: SessionManager | None = None, /, **overrides: Any
-) -> Callable[..., Awaitable[AsyncSession]]:
+def async_session_dependency(
+    manager: SessionManager[Any, AS] | None = None, /, **overrides: Unpack[ScopeOptions]
+) -> Callable[..., Awaitable[AS]]:
     """Build a FastAPI dependency that yields an ``AsyncSession`` of ``manager``
-    (the default manager if None) for the current request.
+    (the default manager if None) for the current request, for ``async def``
+    path functions. Typed by the manager: a ``SessionManager[Any, SQLModelAsync]``
+    gives a dependency of ``SQLModelAsync`` sessions. ``session_dependency`` is
+    the same function.
 
     ``overrides`` are scope options, such as ``read_only=True`` or
     ``isolation_level="SERIALIZABLE"``; they are validated now (``ValueError`` /
@@ -82,27 +106,33 @@ def session_dependency(
     ::
 
         reports = SessionManager("postgresql://reports@db/reports")
-        ReportsDep = Annotated[AsyncSession, Depends(session_dependency(reports))]
+        ReportsDep = Annotated[AsyncSession, Depends(async_session_dependency(reports))]
     """
     SessionConfig().merged(overrides)
     get_manager = _manager_getter(manager)
+    check = _KindCheck(is_async=True)
 
-    async def request_scope() -> AsyncIterator[AsyncSession]:
+    async def request_scope(connection: HTTPConnection) -> AsyncIterator[AS]:
+        check(connection, get_async_db)
         async with get_manager().async_session_scope(**overrides) as session:
             yield session
 
-    async def get_db(
-        session: Annotated[AsyncSession, Depends(request_scope, scope="function")],
-    ) -> AsyncSession:
+    async def get_async_db(
+        session: Annotated[AS, Depends(request_scope, scope="function")],
+    ) -> AS:
         return session
 
-    get_db.__doc__ = _GET_DB_DOC
-    return get_db
+    get_async_db.__doc__ = _GET_DB_DOC
+    return get_async_db
+
+
+session_dependency = async_session_dependency
+"""The seed-era name of :func:`async_session_dependency` (the same function)."""
 
 
 def sync_session_dependency(
-    manager: SessionManager | None = None, /, **overrides: Any
-) -> Callable[..., Awaitable[Session]]:
+    manager: SessionManager[S, Any] | None = None, /, **overrides: Unpack[ScopeOptions]
+) -> Callable[..., Awaitable[S]]:
     """Build a FastAPI dependency yielding a sync ``Session`` of ``manager`` (the
     default manager if None), for ``def`` path functions; see
     :func:`session_dependency` for ``overrides``.
@@ -111,13 +141,15 @@ def sync_session_dependency(
     is free. The request's scope is therefore tied to the request rather than to
     a thread: sync scopes and decorated functions that run for this request, in
     any worker thread, join its session (one at a time, as FastAPI runs them).
-    In an ``async def`` path function use :func:`session_dependency` instead:
-    blocking calls there would stall the event loop.
+    In an ``async def`` path function use :func:`async_session_dependency`
+    instead: blocking calls there would stall the event loop.
     """
     SessionConfig().merged(overrides)
     get_manager = _manager_getter(manager)
+    check = _KindCheck(is_async=False)
 
-    async def request_scope() -> AsyncIterator[Session]:
+    async def request_scope(connection: HTTPConnection) -> AsyncIterator[S]:
+        check(connection, get_sync_db)
         # Runs in the request's task: what is set here is seen by the worker
         # threads that FastAPI starts later for this request (they copy the
         # task's context), including the one running the path function.
@@ -141,12 +173,82 @@ def sync_session_dependency(
             _core.worker_key.reset(key_token)
 
     async def get_sync_db(
-        session: Annotated[Session, Depends(request_scope, scope="function")],
-    ) -> Session:
+        session: Annotated[S, Depends(request_scope, scope="function")],
+    ) -> S:
         return session
 
     get_sync_db.__doc__ = _GET_SYNC_DB_DOC
     return get_sync_db
+
+
+class _KindCheck:
+    """Refuses, with a clear message, a path function that takes the wrong kind
+    of session directly from a dependency: an ``AsyncSession`` in a ``def`` path
+    function (it cannot await) or where the parameter says ``Session``, a
+    ``Session`` where the parameter says ``AsyncSession``. Each path function is
+    inspected once; parameters without such an annotation and sub-dependencies
+    are not judged (their code may be right)."""
+
+    __slots__ = ("is_async", "verdicts")
+
+    def __init__(self, *, is_async: bool) -> None:
+        self.is_async = is_async
+        self.verdicts: dict[Any, str | None] = {}
+
+    def __call__(self, connection: HTTPConnection, dependency: Callable[..., Any]) -> None:
+        endpoint = connection.scope.get("endpoint")
+        if endpoint is None:
+            return
+        try:
+            verdict = self.verdicts[endpoint]
+        except KeyError:
+            verdict = self._judge(endpoint, dependency)
+            if len(self.verdicts) < _CHECKED_LIMIT:
+                self.verdicts[endpoint] = verdict
+        except TypeError:  # an unhashable callable object: judge it every time
+            verdict = self._judge(endpoint, dependency)
+        if verdict is not None:
+            raise TypeError(verdict)
+
+    def _judge(self, endpoint: Callable[..., Any], dependency: Callable[..., Any]) -> str | None:
+        try:
+            signature = inspect.signature(endpoint)
+            hints = typing.get_type_hints(endpoint, include_extras=True)
+        except Exception:  # annotations FastAPI resolved its own way: nothing to say
+            return None
+        name = getattr(endpoint, "__qualname__", repr(endpoint))
+        for param in signature.parameters.values():
+            annotation = hints.get(param.name, param.annotation)
+            metadata = getattr(annotation, "__metadata__", ())
+            markers = (param.default, *metadata)
+            if not any(
+                isinstance(m, params.Depends) and m.dependency is dependency for m in markers
+            ):
+                continue
+            declared = annotation.__origin__ if metadata else annotation
+            where = f"parameter {param.name!r} of the path function {name}"
+            if self.is_async:
+                if isinstance(declared, type) and issubclass(declared, Session):
+                    return (
+                        f"{where} is annotated {declared.__name__}, a sync session, but "
+                        "depends on the async session dependency (get_async_db / get_db / "
+                        "SessionDep), which gives an AsyncSession: use get_sync_db "
+                        "(SyncSessionDep, manager.get_sync_db) for a sync Session"
+                    )
+                if inspect.isfunction(endpoint) and not inspect.iscoroutinefunction(endpoint):
+                    return (
+                        f"{where} is a def (sync) path function given an AsyncSession by "
+                        "the async session dependency (get_async_db / get_db / SessionDep), "
+                        "which it cannot await: use get_sync_db (SyncSessionDep, "
+                        "manager.get_sync_db), or make the path function async def"
+                    )
+            elif isinstance(declared, type) and issubclass(declared, AsyncSession):
+                return (
+                    f"{where} is annotated {declared.__name__} but depends on the sync "
+                    "session dependency (get_sync_db / SyncSessionDep), which gives a "
+                    "Session: use get_async_db (AsyncSessionDep, manager.get_async_db)"
+                )
+        return None
 
 
 async def _exit_in_thread(
@@ -175,14 +277,22 @@ path functions. Committed after the path function returns and before the respons
 is sent; rolled back if it raises. A failed COMMIT becomes a 5xx response.
 """
 
-get_db = session_dependency()
-"""The request's ``AsyncSession`` of the default manager: ``Depends(get_db)``."""
+get_async_db: Callable[..., Awaitable[AsyncSession]] = async_session_dependency()
+"""The request's ``AsyncSession`` of the default manager, for ``async def`` path
+functions: ``Depends(get_async_db)``."""
 
-get_sync_db = sync_session_dependency()
+get_db = get_async_db
+"""The seed's name of :data:`get_async_db` (the same dependency): ``Depends(get_db)``."""
+
+get_sync_db: Callable[..., Awaitable[Session]] = sync_session_dependency()
 """The request's sync ``Session`` of the default manager, for ``def`` path functions."""
 
-SessionDep = Annotated[AsyncSession, Depends(get_db)]
-"""``db: SessionDep`` in a path function or dependency: the request's ``AsyncSession``."""
+AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_db)]
+"""``db: AsyncSessionDep`` in an ``async def`` path function or dependency: the
+request's ``AsyncSession``."""
+
+SessionDep = AsyncSessionDep
+"""The seed-era name of :data:`AsyncSessionDep` (the same annotation)."""
 
 SyncSessionDep = Annotated[Session, Depends(get_sync_db)]
 """``db: SyncSessionDep`` in a ``def`` path function: the request's ``Session``."""
