@@ -39,7 +39,7 @@ import inspect
 import logging
 import sys
 import time
-from asyncio import Task, current_task
+from asyncio import current_task, isfuture
 from asyncio.events import _get_running_loop
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -295,15 +295,10 @@ def _same_caller(frame_key: object, key: object) -> bool:
         return True
     # Python < 3.12: the task asyncio.wait_for made to run its awaitable acts
     # for the task waiting in wait_for, as the same code does on 3.12+.
-    return (
-        _WAIT_FOR_TASK
-        and isinstance(key, Task)
-        and isinstance(frame_key, Task)
-        and _waits_for(frame_key, key)
-    )
+    return _WAIT_FOR_TASK and isfuture(key) and isfuture(frame_key) and _waits_for(frame_key, key)
 
 
-def _waits_for(waiter: Task[Any], task: Task[Any]) -> bool:
+def _waits_for(waiter: object, task: object) -> bool:
     # On Python < 3.12, wait_for parks its caller on a future of its own that a
     # done-callback of the task it made releases: that pair identifies it.
     parked = getattr(waiter, "_fut_waiter", None)
@@ -359,12 +354,7 @@ def _visible(frame: Frame, key: object) -> bool:
     generator = frame.generator
     if frame.key == key:
         return generator is None or _running(generator)
-    if not (
-        _WAIT_FOR_TASK
-        and isinstance(key, Task)
-        and isinstance(frame.key, Task)
-        and _waits_for(frame.key, key)
-    ):
+    if not _same_caller(frame.key, key):
         return False
     return generator is None or _awaiting(generator)
 
@@ -399,11 +389,11 @@ def current_frame(
 def _foreign_task_frame(key: object) -> Frame | None:
     """An active frame of another asyncio task in this context: the parent's
     scope, seen by a child task that inherited the context."""
-    if not isinstance(key, Task):
+    if not isfuture(key):
         return None
     frame = stack.get()
     while frame is not None:
-        if frame.state is not _CLOSED and isinstance(frame.key, Task) and frame.key is not key:
+        if frame.state is not _CLOSED and isfuture(frame.key) and frame.key is not key:
             return frame
         frame = frame.below
     return None
