@@ -76,6 +76,11 @@ class SessionConfig:
     """A transaction longer than this many seconds counts as slow and is logged."""
     long_session_warning: float | None = 60.0
     """Warn once (with where it was opened) about a session held longer than this."""
+    causal_reads: bool = False
+    """Galera: the transaction's reads wait until this node has applied every
+    write the cluster committed before they started (``wsrep_sync_wait = 1``), so
+    they see writes made through other nodes. Costs a cluster round trip per
+    read statement; see ``docs/clusters.md``. Ignored on other servers."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -85,6 +90,7 @@ class SessionConfig:
             "read_only",
             "durable",
             "expire_on_commit",
+            "causal_reads",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
