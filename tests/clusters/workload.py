@@ -27,13 +27,16 @@ class Outcomes:
     unknown: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     finished_at: dict[str, float] = field(default_factory=dict)
+    port: dict[str, int] = field(default_factory=dict)  # where a done unit ran, if known
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, key: str, err: BaseException | None) -> None:
+    def record(self, key: str, err: BaseException | None, port: int | None = None) -> None:
         with self.lock:
             if err is None:
                 self.done.add(key)
                 self.finished_at[key] = time.monotonic()
+                if port is not None:
+                    self.port[key] = port
             elif isinstance(err, CommitOutcomeUnknownError):
                 self.unknown.add(key)
             else:
@@ -48,12 +51,21 @@ class Outcomes:
 
 
 def recovery_times(
-    outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]]
+    outcomes: Outcomes,
+    fault_at: float,
+    workers: dict[str, list[str]],
+    on_port: int | None = None,
 ) -> list[float]:
-    """Per worker: seconds from the fault to its first unit done after it."""
+    """Per worker: seconds from the fault to its first unit done after it (on
+    the server at ``on_port``, when given)."""
     times = []
     for keys in workers.values():
-        after = [outcomes.finished_at[k] for k in keys if outcomes.finished_at.get(k, 0) > fault_at]
+        after = [
+            outcomes.finished_at[k]
+            for k in keys
+            if outcomes.finished_at.get(k, 0) > fault_at
+            and (on_port is None or outcomes.port.get(k) == on_port)
+        ]
         if after:
             times.append(min(after) - fault_at)
     return times
