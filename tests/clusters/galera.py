@@ -249,9 +249,12 @@ class GaleraCluster:
             node.wait_synced(len(self.nodes))
 
     def execute(self, node: GaleraNode, *statements: str) -> list[Any]:
-        """Run ``statements`` on ``node`` (autocommit); the last one's rows."""
+        """Run ``statements`` on ``node`` (autocommit); the last one's rows. Reads
+        are causal (``wsrep_sync_wait``): they see every write the cluster
+        committed before, whichever node it was made on."""
         rows: list[Any] = []
         with node.connect(DATABASE) as conn, conn.cursor() as cur:
+            cur.execute("SET SESSION wsrep_sync_wait = 1")
             for statement in statements:
                 cur.execute(statement)
                 rows = list(cur.fetchall())

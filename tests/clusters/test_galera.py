@@ -63,6 +63,8 @@ def fresh(galera: GaleraCluster) -> GaleraCluster:
         "CREATE TABLE effects (k VARCHAR(64) PRIMARY KEY, port INT NOT NULL)",
         "INSERT INTO counter VALUES (1, 0)",
     )
+    for node in galera.nodes:  # every node has applied the setup (causal read)
+        assert galera.execute(node, "SELECT n FROM counter") == [(0,)]
     return galera
 
 
