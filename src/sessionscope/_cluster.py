@@ -24,8 +24,9 @@ Rules:
    of work is retried on another node; lost during COMMIT, it is
    :class:`CommitOutcomeUnknownError` and never retried (the transaction core
    decides that, see :mod:`sessionscope._retry`).
-4. With every node cooling down, the one whose cool-down ends first is tried:
-   a cluster is never refused without a connection attempt.
+4. With every node cooling down, the one whose cool-down ends first (the one
+   that failed longest ago) is tried: a cluster is never refused without a
+   connection attempt.
 
 A node whose cool-down has ended is used again by the next new session (its
 connection check tells whether it really is back).
@@ -277,10 +278,13 @@ class Cluster:
         return chosen
 
     def mark_down(self, node: Node, reason: str) -> None:
-        """Cool ``node`` down; failures while it already is do not count again."""
+        """Cool ``node`` down. A failure while it already is restarts the cool-down
+        but does not count (or log) again: with every node down, the one that
+        failed longest ago is tried next."""
         now = time.monotonic()
         with self._lock:
             if node.down_until > now:
+                node.down_until = now + self.cooldown
                 return
             node.down_until = now + self.cooldown
             node.failures += 1
@@ -354,25 +358,33 @@ def _describe(exc: BaseException) -> str:
 def _not_ready(dialect_name: str, connection: Any) -> str | None:
     """Why a new DBAPI connection's node cannot take writes, or None."""
     if dialect_name in ("mysql", "mariadb"):
-        sql = "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state')"
-    elif dialect_name == "postgresql":
-        sql = "SELECT 'in_recovery', pg_is_in_recovery()::text"
-    else:
+        # A server without Galera reports wsrep_ready OFF too: ask wsrep_on first.
+        if _rows(connection, "SHOW GLOBAL VARIABLES LIKE 'wsrep_on'").get("wsrep_on") != "ON":
+            return None
+        status = _rows(
+            connection,
+            "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state')",
+        )
+        ready = status.get("wsrep_ready", "OFF")
+        if ready.upper() != "ON":
+            return f"wsrep_ready is {ready}"
+        state = status.get("wsrep_local_state")
+        if state != _SYNCED:
+            return f"wsrep_local_state is {state}, not 4 (Synced)"
         return None
+    if dialect_name in ("postgresql", "cockroachdb"):
+        status = _rows(connection, "SELECT 'in_recovery', pg_is_in_recovery()::text")
+        # Leave no transaction open behind the pool's back (psycopg opened one).
+        connection.rollback()
+        if status.get("in_recovery") == "TRUE":
+            return "a standby in recovery (not the primary)"
+    return None
+
+
+def _rows(connection: Any, sql: str) -> dict[str, str]:
     cursor = connection.cursor()
     try:
         cursor.execute(sql)
-        status = {str(name).lower(): str(value) for name, value in cursor.fetchall()}
+        return {str(name).lower(): str(value).upper() for name, value in cursor.fetchall()}
     finally:
         cursor.close()
-    # Leave no transaction open behind the pool's back (psycopg opened one).
-    connection.rollback()
-    if status.get("in_recovery") == "true":
-        return "a standby in recovery (not the primary)"
-    ready = status.get("wsrep_ready")
-    if ready is not None and ready.upper() != "ON":
-        return f"wsrep_ready is {ready}"
-    state = status.get("wsrep_local_state")
-    if state is not None and state != _SYNCED:
-        return f"wsrep_local_state is {state}, not 4 (Synced)"
-    return None
