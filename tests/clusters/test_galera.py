@@ -165,6 +165,41 @@ async def test_increments_over_three_writers_end_exact_async(fresh: GaleraCluste
     print("\n" + describe_run("Galera async, 6 tasks x 30", stats, outcomes, keys))
 
 
+def test_plain_select_read_modify_write_loses_updates_no_retry_can_see(
+    fresh: GaleraCluster,
+) -> None:
+    # The hazard the docs warn about: without FOR UPDATE, two nodes read the same
+    # value and both write value + 1; neither transaction conflicts on a row the
+    # other wrote first, so both commit and an increment is lost.
+    manager = manager_for(fresh, primary_selection="round_robin")
+
+    def unsafe(session: Session, key: str) -> None:
+        n = session.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one()
+        session.execute(text("UPDATE counter SET n = :n WHERE id = 1"), {"n": n + 1})
+        session.execute(text("INSERT INTO effects (k, port) VALUES (:k, @@port)"), {"k": key})
+
+    unit = manager.with_session(unsafe)
+
+    def work(w: int) -> None:
+        for i in range(30):
+            unit(f"u{w}-{i}")
+
+    try:
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        retries = manager.get_stats()["retries"]
+    finally:
+        manager.dispose()
+    counter, keys, _ = state(fresh, 0)
+    print(
+        f"\nplain SELECT then UPDATE, 6 threads x 30: counter {counter} of 180, {retries} retries"
+    )
+    assert len(keys) == 180 and counter <= 180
+
+
 def test_kill_9_of_a_node_mid_run_loses_and_doubles_nothing(fresh: GaleraCluster) -> None:
     victim = fresh.nodes[2]
     cooldown = 2.0
