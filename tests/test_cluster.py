@@ -203,3 +203,19 @@ def test_causal_reads_is_a_no_op_where_reads_are_causal_anyway(db_url: str) -> N
             assert session.execute(text("SELECT 1")).scalar_one() == 1
     finally:
         manager.dispose()
+
+
+def test_the_cockroachdb_dialect_gets_the_postgresql_scope_settings() -> None:
+    # No CockroachDB server here: the dialect (sqlalchemy-cockroachdb) is loaded
+    # and the statements and options a scope would use are read without connecting.
+    pytest.importorskip("sqlalchemy_cockroachdb")
+    manager = SessionManager("cockroachdb+psycopg://root@127.0.0.1:26257/db")
+    try:
+        engine = manager.engine
+        assert engine.dialect.name == "cockroachdb"
+        cfg = manager.config.merged({"timeout": 1.5, "read_only": True})
+        kw = manager._options_kw(cfg, engine, False)
+        assert kw["_statements"] == ["SET LOCAL statement_timeout = 1500"]
+        assert kw["bind"].get_execution_options()["postgresql_readonly"] is True
+    finally:
+        manager.dispose()
