@@ -240,6 +240,48 @@ def test_kill_9_of_a_node_mid_run_loses_and_doubles_nothing(fresh: GaleraCluster
     assert rejoined > 0
 
 
+async def test_kill_9_of_a_node_mid_run_async(fresh: GaleraCluster) -> None:
+    victim = fresh.nodes[1]
+    manager = manager_for(fresh, "aiomysql", primary_selection="round_robin")
+    outcomes = Outcomes()
+    plan = {f"x{w}": [f"x{w}-{i}" for i in range(40)] for w in range(6)}
+
+    @manager.async_with_session
+    async def unit(session: AsyncSession, key: str) -> None:
+        await session.run_sync(increment, key)
+
+    async def work(keys: list[str]) -> None:
+        for key in keys:
+            try:
+                await unit(key)
+            except Exception as err:
+                outcomes.record(key, err)
+            else:
+                outcomes.record(key, None)
+
+    async def killer() -> float:
+        deadline = time.monotonic() + 120
+        while len(outcomes.done) < 60:
+            assert time.monotonic() < deadline, outcomes.failed
+            await asyncio.sleep(0.01)
+        victim.kill()  # blocks the loop for the kill only: in-flight work is cut off
+        return time.monotonic()
+
+    try:
+        results = await asyncio.gather(killer(), *(work(keys) for keys in plan.values()))
+        fault_at = results[0]
+        stats = manager.get_stats()
+    finally:
+        await manager.adispose()
+    counter, keys, _ = state(fresh, 0)
+    outcomes.check(keys, counter)
+    times = recovery_times(outcomes, fault_at, plan)
+    print("\n" + describe_run("Galera async kill -9 of node2, 6 tasks x 40", stats, outcomes, keys))
+    print(f"time to recover per task after kill -9: {summary(times)}")
+    assert len(times) == 6
+    assert stats["cluster"]["nodes"]["node2"]["failures"] >= 1
+
+
 def galera_port_effects(galera: GaleraCluster, port: int, prefix: str) -> int:
     rows = galera.execute(
         galera.nodes[0], f"SELECT COUNT(*) FROM effects WHERE port = {port} AND k LIKE '{prefix}%'"
