@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from sessionscope import NodeUnavailableError, SessionConfig, SessionManager
 
 from .conftest import require_server, reset_schema
+from .faults import Server
 from .models import User
 from .test_replica_routing import unreachable
 
@@ -219,3 +220,40 @@ def test_the_cockroachdb_dialect_gets_the_postgresql_scope_settings() -> None:
         assert kw["bind"].get_execution_options()["postgresql_readonly"] is True
     finally:
         manager.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_connection_killed_before_commit_is_retried_on_the_other_node(
+    backend: str, db_url: str
+) -> None:
+    # Two entries for the same server: "nodes" the test can tell apart by the
+    # cluster's figures. The first attempt's connection is killed mid-transaction
+    # (a real server-side kill): the node is cooled down and the retry, a new
+    # session, runs on node2.
+    fresh_schema(db_url)
+    admin = Server(backend, db_url)
+    manager = SessionManager(primaries=[db_url, db_url], config=QUICK)
+    attempts: list[int] = []
+
+    @manager.with_session
+    def add(session: Session) -> None:
+        session.add(User(name="once"))
+        session.flush()
+        attempts.append(int(session.execute(admin.id_sql).scalar_one()))
+        if len(attempts) == 1:
+            admin.kill(attempts[0])
+        session.execute(select(func.count()).select_from(User))
+
+    try:
+        add()
+        with manager.session_scope() as session:
+            names = list(session.scalars(select(User.name)))
+        stats = manager.get_stats()
+    finally:
+        manager.dispose()
+        admin.dispose()
+    nodes = stats["cluster"]["nodes"]
+    assert len(attempts) == 2 and names == ["once"]
+    assert (nodes["node1"]["failures"], nodes["node1"]["healthy"]) == (1, False)
+    assert (nodes["node1"]["sessions"], nodes["node2"]["sessions"]) == (1, 2)
+    assert stats["retries"] == 1
