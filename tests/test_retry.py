@@ -37,7 +37,13 @@ from sessionscope import (
     SessionManager,
     is_transient,
 )
-from sessionscope._retry import backoff_delay, describe, error_code, retry_delay_for
+from sessionscope._retry import (
+    backoff_delay,
+    describe,
+    error_code,
+    is_disconnect,
+    retry_delay_for,
+)
 
 from .conftest import backend_url, require_server, reset_schema
 from .faults import Server, SqliteLock
@@ -599,6 +605,7 @@ PG_CODES = [
     ("57P03", True),  # cannot_connect_now
     ("08006", True),  # connection_failure
     ("08007", False),  # transaction_resolution_unknown: the COMMIT may have happened
+    ("40003", False),  # CockroachDB "result is ambiguous": the same
     ("23505", False),  # unique_violation
     ("57014", False),  # query_canceled (statement timeout)
     ("55P03", False),  # lock_not_available (lock_timeout, NOWAIT)
@@ -608,6 +615,8 @@ MARIADB_CODES = [
     ("40001", 1213, True),  # deadlock
     ("HY000", 1205, True),  # lock wait timeout
     ("HY000", 1927, True),  # connection was killed
+    ("08S01", 1047, True),  # Galera: WSREP has not yet prepared node for application use
+    ("HY000", 1180, True),  # Galera: error during COMMIT (node left the Primary Component)
     ("23000", 1062, False),  # duplicate key
     ("40001", 1062, False),  # the error number decides, not the SQLSTATE
     ("70100", 1969, False),  # max_statement_time exceeded
@@ -625,6 +634,8 @@ def test_postgresql_codes_through_the_driver(driver: str) -> None:
     for (code, transient), exc in zip(PG_CODES, results, strict=True):
         assert error_code(exc) == code
         assert is_transient(exc) is transient, (code, describe(exc))
+        # Raised by COMMIT, these become CommitOutcomeUnknownError.
+        assert is_disconnect(exc) is (code[:2] == "08" or code in ("57P01", "57P03", "40003"))
 
 
 @pytest.mark.parametrize("driver", ["pymysql", "aiomysql"])
@@ -638,6 +649,7 @@ def test_mariadb_codes_through_the_driver(driver: str) -> None:
     for (_, errno, transient), exc in zip(MARIADB_CODES, results, strict=True):
         assert error_code(exc) == str(errno)
         assert is_transient(exc) is transient, (errno, describe(exc))
+        assert is_disconnect(exc) is (errno in (1927, 1047, 1180))
 
 
 def test_sqlite_errors_through_the_driver(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from ._errors import (
     ActiveScopeError,
     CommitOutcomeUnknownError,
     NoActiveScopeError,
+    NodeUnavailableError,
     PoolExhaustedError,
     ReadOnlyError,
     RollbackOnlyError,
@@ -70,11 +71,13 @@ def __getattr__(name: str) -> Any:
         return get_db
     raise AttributeError(f"module 'sessionscope' has no attribute {name!r}")
 
+
 __all__ = [
     "ActiveScopeError",
     "CommitOutcomeUnknownError",
     "FunctionStats",
     "NoActiveScopeError",
+    "NodeUnavailableError",
     "PoolExhaustedError",
     "PoolStats",
     "ReadOnlyError",

@@ -163,17 +163,21 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def begin_statements(engine: Engine, *, timeout: float | None, read_only: bool) -> list[str]:
+def begin_statements(
+    engine: Engine, *, timeout: float | None, read_only: bool, causal_reads: bool = False
+) -> list[str]:
     """Statements to run first in a new transaction for per-scope settings.
 
     Raises ``ValueError`` for a setting the backend cannot honour, so it is never
-    silently ignored.
+    silently ignored. ``causal_reads`` applies to MySQL/MariaDB (Galera's
+    ``wsrep_sync_wait``; a server without Galera ignores it) and nowhere else: a
+    single server and CockroachDB read their own writes anyway.
     """
     name = engine.dialect.name
     statements: list[str] = []
     if timeout is not None:
         ms = max(1, round(timeout * 1000))
-        if name == "postgresql":
+        if name in ("postgresql", "cockroachdb"):
             statements.append(f"SET LOCAL statement_timeout = {ms}")
         elif name in ("mysql", "mariadb"):
             if getattr(engine.dialect, "is_mariadb", False):
@@ -189,6 +193,11 @@ def begin_statements(engine: Engine, *, timeout: float | None, read_only: bool) 
     if read_only and name in ("mysql", "mariadb"):
         # Applies to the next transaction only, which starts with the next statement.
         statements.append("SET TRANSACTION READ ONLY")
+    if causal_reads and name in ("mysql", "mariadb"):
+        # Bit 1: reads (SELECT, SHOW, BEGIN) wait for the cluster's earlier commits.
+        # A session variable: the pool's checkin listener puts it back.
+        statements.append("SET @@session.wsrep_sync_wait = 1")
+        _install_mysql_reset(engine)
     return statements
 
 
@@ -207,12 +216,19 @@ def _install_mysql_reset(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkin")
     def _checkin(dbapi_connection: Any, record: Any) -> None:
-        # The timeout is a session variable on MySQL/MariaDB; put it back before
-        # the connection can serve anyone else.
-        if dbapi_connection is not None and record.info.pop("sessionscope_timeout", False):
+        # The timeout and wsrep_sync_wait are session variables on MySQL/MariaDB;
+        # put them back before the connection can serve anyone else.
+        if dbapi_connection is None:
+            return
+        resets = []
+        if record.info.pop("sessionscope_timeout", False):
+            resets.append(f"@@session.{variable} = DEFAULT")
+        if record.info.pop("sessionscope_sync_wait", False):
+            resets.append("@@session.wsrep_sync_wait = DEFAULT")
+        if resets:
             cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(f"SET @@session.{variable} = DEFAULT")
+                cursor.execute("SET " + ", ".join(resets))
             finally:
                 cursor.close()
 
@@ -221,6 +237,7 @@ def install_begin_statements(session: Session, statements: list[str]) -> None:
     """Run ``statements`` at the start of each transaction of ``session``."""
 
     mark_timeout = any("max_statement_time" in s or "max_execution_time" in s for s in statements)
+    mark_sync_wait = any("wsrep_sync_wait" in s for s in statements)
 
     def _after_begin(
         sess: Session, transaction: SessionTransaction, connection: Connection
@@ -230,6 +247,8 @@ def install_begin_statements(session: Session, statements: list[str]) -> None:
         if mark_timeout:
             # Tells the pool's checkin listener to restore the session variable.
             connection.info["sessionscope_timeout"] = True
+        if mark_sync_wait:
+            connection.info["sessionscope_sync_wait"] = True
         for statement in statements:
             connection.exec_driver_sql(statement)
 

@@ -98,6 +98,11 @@ class SessionConfig:
     """What a scope opened in a child asyncio task does while its parent task's
     scope is active: ``"independent"`` opens its own session, committed on its
     own (noted at DEBUG); ``"forbid"`` raises :class:`ActiveScopeError`."""
+    causal_reads: bool = False
+    """Galera: the transaction's reads wait until this node has applied every
+    write the cluster committed before they started (``wsrep_sync_wait = 1``), so
+    they see writes made through other nodes. Costs a cluster round trip per
+    read statement; see ``docs/clusters.md``. Ignored on other servers."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +112,7 @@ class SessionConfig:
             "read_only",
             "durable",
             "expire_on_commit",
+            "causal_reads",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -7,10 +7,13 @@ state, and what to do; they never contain a password or a bound parameter.
 
 from __future__ import annotations
 
+from sqlalchemy import exc as sa_exc
+
 __all__ = [
     "ActiveScopeError",
     "CommitOutcomeUnknownError",
     "NoActiveScopeError",
+    "NodeUnavailableError",
     "PoolExhaustedError",
     "ReadOnlyError",
     "RollbackOnlyError",
@@ -74,4 +77,14 @@ class ReadOnlyError(SessionScopeError):
     """A write was attempted in a ``read_only=True`` scope.
 
     It is refused before anything is sent to the server.
+    """
+
+
+class NodeUnavailableError(SessionScopeError, sa_exc.DisconnectionError):
+    """A node of ``primaries=`` refused a new connection or is not ready for
+    writes (a Galera node not synced with the cluster, a PostgreSQL standby).
+
+    Nothing ran on it. The node is cooled down, and the error is transient (a
+    ``DisconnectionError``), so a retrying boundary runs the unit of work again
+    on another node.
     """

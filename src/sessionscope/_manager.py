@@ -25,6 +25,7 @@ from typing_extensions import Unpack
 
 from . import _backend, _core, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
+from ._cluster import Cluster
 from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
@@ -33,6 +34,7 @@ from ._stats import Stats
 from ._sync import SyncScope, call_with_retry, decorate_sync
 from ._types import (
     AS_co,
+    ClusterStats,
     ManagerAsyncSessionDecorator,
     ManagerSessionDecorator,
     PoolStats,
@@ -93,6 +95,15 @@ class SessionManager(Generic[S_co, AS_co]):
     it). A replica that fails to connect is left out for ``replica_cooldown``
     seconds and the read moves to the next replica, then to the primary. See
     ``docs/replicas.md``.
+
+    Several primaries (a Galera cluster, PostgreSQL servers with failover):
+    ``primaries=[url, ...]`` instead of ``url=`` (and ``async_primaries=``,
+    paired by position, derived when left out). Each new write session goes to
+    the node that ``primary_selection`` picks (``"failover"``: the first healthy
+    one in order; ``"round_robin"``: spread); a node that refuses a connection,
+    is not ready (Galera not synced, PostgreSQL in recovery) or loses one is left
+    out for ``primary_cooldown`` seconds, and the retry of the unit of work goes
+    to another node. The first node is :attr:`url`. See ``docs/clusters.md``.
     """
 
     def __init__(
@@ -112,8 +123,19 @@ class SessionManager(Generic[S_co, AS_co]):
         replica_selection: str = "round_robin",
         read_your_writes: float = 2.0,
         replica_cooldown: float = 30.0,
+        primaries: Sequence[str | URL] | None = None,
+        async_primaries: Sequence[str | URL] | None = None,
+        primary_selection: str = "failover",
+        primary_cooldown: float = 10.0,
         **engine_options: Any,
     ) -> None:
+        if primaries is not None or async_primaries is not None:
+            if url is not None or engine is not None or async_url is not None:
+                raise TypeError("pass either primaries= or url=/engine=/async_url=, not both")
+            if isinstance(primaries, Sequence) and not isinstance(primaries, str) and primaries:
+                url = primaries[0]
+            if isinstance(async_primaries, Sequence) and not isinstance(async_primaries, str):
+                async_url = async_primaries[0] if async_primaries else None
         if url is not None and engine is not None:
             raise TypeError("pass either url= or engine=, not both")
         if async_url is not None and async_engine is not None:
@@ -166,6 +188,20 @@ class SessionManager(Generic[S_co, AS_co]):
             _backend.apply_sqlite_savepoint_recipe(engine)
         if async_engine is not None:
             _backend.apply_sqlite_savepoint_recipe(async_engine.sync_engine)
+        self._cluster: Cluster | None = None
+        self._node_factories: dict[tuple[Any, bool], Any] = {}
+        if primaries is not None or async_primaries is not None:
+            self._cluster = Cluster(
+                primaries,
+                async_primaries,
+                policy=primary_selection,
+                cooldown=primary_cooldown,
+                engine_options=self._engine_options,
+                first_engine=lambda is_async: self.async_engine if is_async else self.engine,
+                engine_created=self._engine_created,
+                log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
+            )
+            self._engine_hooks.append(self._cluster.on_engine_created)
         self._router: Router | None = None
         if replicas is not None or async_replicas is not None:
             self._router = Router(
@@ -274,10 +310,13 @@ class SessionManager(Generic[S_co, AS_co]):
         return tracked
 
     def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
-        if (
+        if self._cluster is not None and self._on_cluster(cfg, False):
+            session = self._open_on_node(cfg, False)
+        elif (
             cfg.isolation_level is None
             and not cfg.read_only
             and cfg.timeout is None
+            and not cfg.causal_reads
             and cfg.expire_on_commit is self._session_options["expire_on_commit"]
         ):
             session = self.session_factory()
@@ -288,10 +327,13 @@ class SessionManager(Generic[S_co, AS_co]):
         return session, session
 
     def _open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
-        if (
+        if self._cluster is not None and self._on_cluster(cfg, True):
+            front = self._open_on_node(cfg, True)
+        elif (
             cfg.isolation_level is None
             and not cfg.read_only
             and cfg.timeout is None
+            and not cfg.causal_reads
             and cfg.expire_on_commit is self._session_options["expire_on_commit"]
         ):
             front = self.async_session_factory()
@@ -302,6 +344,28 @@ class SessionManager(Generic[S_co, AS_co]):
                 cfg, self.async_session_factory, self.async_engine, True
             )
         return front.sync_session, front
+
+    def _on_cluster(self, cfg: SessionConfig, is_async: bool) -> bool:
+        # Bound sessions use the bound connection; routed reads the router.
+        return is_async not in self._bound and not (cfg.read_only and self._router is not None)
+
+    def _open_on_node(self, cfg: SessionConfig, is_async: bool) -> Any:
+        """A new session on the node the cluster picks (``primaries=``)."""
+        assert self._cluster is not None
+        engine = self._cluster.engine(self._cluster.pick(cfg.enable_monitoring), is_async)
+        factory = self._node_factories.get((engine, is_async))
+        if factory is None:
+            kw = self._factory_kw(is_async)
+            maker: Any = async_sessionmaker if is_async else sessionmaker
+            factory = self._node_factories[(engine, is_async)] = maker(engine, **kw)
+        return self._open_with_options(cfg, factory, engine, is_async)
+
+    def _write_engine(self, is_async: bool) -> Any:
+        """The engine new write sessions use now: the cluster's pick, or the
+        manager's own engine."""
+        if self._cluster is None:
+            return self.async_engine if is_async else self.engine
+        return self._cluster.engine(self._cluster.pick(False), is_async)
 
     def _open_with_options(
         self, cfg: SessionConfig, factory: Callable[..., Any], engine: Any, is_async: bool
@@ -334,13 +398,14 @@ class SessionManager(Generic[S_co, AS_co]):
             cfg.read_only,
             cfg.expire_on_commit,
             cfg.timeout,
+            cfg.causal_reads,
         )
         kw = self._session_kw.get(cache_key)
         if kw is None:
             options: dict[str, Any] = {}
             if cfg.isolation_level is not None:
                 options["isolation_level"] = cfg.isolation_level
-            if cfg.read_only and sync_engine.dialect.name == "postgresql":
+            if cfg.read_only and sync_engine.dialect.name in ("postgresql", "cockroachdb"):
                 options["postgresql_readonly"] = True
             kw = {"expire_on_commit": cfg.expire_on_commit}
             if options:
@@ -348,7 +413,10 @@ class SessionManager(Generic[S_co, AS_co]):
                 # level when the connection is returned, so nothing leaks.
                 kw["bind"] = engine.execution_options(**options)
             statements = _backend.begin_statements(
-                sync_engine, timeout=cfg.timeout, read_only=cfg.read_only
+                sync_engine,
+                timeout=cfg.timeout,
+                read_only=cfg.read_only,
+                causal_reads=cfg.causal_reads,
             )
             kw["_statements"] = statements
             if len(self._session_kw) < _CACHE_LIMIT:
@@ -649,6 +717,8 @@ class SessionManager(Generic[S_co, AS_co]):
             engines["async"] = self._async_engine.sync_engine
         if self._router is not None:
             engines.update(self._router.engines_by_role())
+        if self._cluster is not None:
+            engines.update(self._cluster.engines_by_role())
         return engines
 
     def pool_status(self) -> dict[str, PoolStats]:
@@ -669,6 +739,8 @@ class SessionManager(Generic[S_co, AS_co]):
         snapshot["pool"] = self.pool_status()
         if self._router is not None:
             snapshot["routing"] = cast(RoutingStats, self._router.snapshot(dict(snapshot["pool"])))
+        if self._cluster is not None:
+            snapshot["cluster"] = cast(ClusterStats, self._cluster.snapshot())
         return snapshot
 
     def reset_stats(self) -> None:
@@ -676,6 +748,8 @@ class SessionManager(Generic[S_co, AS_co]):
         self.stats.reset()
         if self._router is not None:
             self._router.reset()
+        if self._cluster is not None:
+            self._cluster.reset()
 
     def on_commit(self, callback: Callable[[], Any]) -> None:
         """Like :func:`sessionscope.on_commit`, on this manager's innermost scope."""
@@ -719,6 +793,8 @@ class SessionManager(Generic[S_co, AS_co]):
             self._engine.dispose()
         if self._router is not None:
             self._router.dispose()
+        if self._cluster is not None:
+            self._cluster.dispose()
 
     async def adispose(self) -> None:
         """Close the pooled connections of both engines (and of the replicas)."""
@@ -726,4 +802,6 @@ class SessionManager(Generic[S_co, AS_co]):
             await self._async_engine.dispose()
         if self._router is not None:
             await self._router.adispose()
+        if self._cluster is not None:
+            await self._cluster.adispose()
         self.dispose()

@@ -8,8 +8,18 @@ keep the code, which :func:`error_code` hides):
   crash shutdown, cannot connect now), or anything SQLAlchemy flagged
   ``connection_invalidated``. 08007 (transaction resolution unknown) is the
   server saying it does not know whether a COMMIT happened: never retried.
-* MySQL / MariaDB (PyMySQL, aiomysql): error 1213 deadlock, 1205 lock wait
-  timeout; lost connections 2006, 2013, 2055, 1927, 4031.
+  CockroachDB's 40003 ("result is ambiguous") says the same and is treated the
+  same: a COMMIT that gets it raises :class:`CommitOutcomeUnknownError`.
+* MySQL / MariaDB (PyMySQL, aiomysql): error 1213 deadlock (on Galera also a
+  certification failure: another node committed a conflicting write first, and
+  this transaction was rolled back), 1205 lock wait timeout; lost connections
+  2006, 2013, 2055, 1927, 4031. On Galera, a node that left the Primary
+  Component answers 1047 ("WSREP has not yet prepared node for application
+  use") and a COMMIT caught in the change answers 1180 ("Got error ... during
+  COMMIT", which the cluster may nevertheless have committed): both mean the
+  node is lost to the cluster, as a dropped connection is, so they classify as
+  one: retried before COMMIT (the cluster selector moves the next attempt to
+  another node), an unknown outcome during it.
 * SQLite (sqlite3, aiosqlite): SQLITE_BUSY / SQLITE_LOCKED ("database is
   locked"): the other writer finishes and the retry goes through.
 
@@ -48,12 +58,15 @@ __all__ = [
 # PostgreSQL SQLSTATEs. Class 08 (connection exception) is matched by prefix.
 _PG_CONFLICT: Final = frozenset({"40001", "40P01"})
 _PG_GONE: Final = frozenset({"57P01", "57P02", "57P03"})
-_PG_OUTCOME_UNKNOWN: Final = "08007"
+# 08007 transaction resolution unknown; 40003 CockroachDB "result is ambiguous".
+_PG_OUTCOME_UNKNOWN: Final = frozenset({"08007", "40003"})
 # MySQL/MariaDB error numbers: deadlock, lock wait timeout; then lost
 # connections (server gone away, lost during query, lost at a system call,
-# MariaDB "connection was killed", MySQL 8 "disconnected by the server").
+# MariaDB "connection was killed", MySQL 8 "disconnected by the server"), and
+# the Galera node that is out of the cluster (1047 not ready, 1180 error during
+# COMMIT).
 _MYSQL_CONFLICT: Final = frozenset({1213, 1205})
-_MYSQL_GONE: Final = frozenset({2006, 2013, 2055, 1927, 4031})
+_MYSQL_GONE: Final = frozenset({2006, 2013, 2055, 1927, 4031, 1047, 1180})
 # SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED (extended codes such
 # as SQLITE_BUSY_SNAPSHOT keep the primary code in their low byte).
 _SQLITE_BUSY: Final = frozenset({5, 6})
@@ -91,7 +104,7 @@ def is_transient(exc: BaseException) -> bool:
                 return True
         else:
             state = _sqlstate(orig)
-            if state == _PG_OUTCOME_UNKNOWN:
+            if state in _PG_OUTCOME_UNKNOWN:
                 return False
             if state in _PG_CONFLICT:
                 return True
@@ -101,7 +114,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """Return True if ``exc`` means an established connection was lost.
+    """Return True if ``exc`` means an established connection was lost, or the
+    server cannot say whether the transaction committed (SQLSTATE 08007, 40003;
+    a Galera node out of the cluster, 1047/1180).
 
     Used on COMMIT errors to tell an unknown outcome from a known failure.
     """
@@ -118,7 +133,9 @@ def is_disconnect(exc: BaseException) -> bool:
     if errno is not None:
         return errno in _MYSQL_GONE
     state = _sqlstate(orig)
-    return state is not None and (state.startswith("08") or state in _PG_GONE)
+    return state is not None and (
+        state.startswith("08") or state in _PG_GONE or state in _PG_OUTCOME_UNKNOWN
+    )
 
 
 def error_code(exc: BaseException) -> str | None:

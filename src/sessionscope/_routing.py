@@ -243,7 +243,8 @@ class Router:
         self._last_write: ContextVar[float] = ContextVar(
             f"sessionscope_last_write_{id(self):x}", default=-math.inf
         )
-        self._primary_read: dict[bool, tuple[Any, Any]] = {}  # is_async -> (factory, engine)
+        # (is_async, primary engine) -> (factory, engine with READ_MARK)
+        self._primary_read: dict[tuple[bool, Any], tuple[Any, Any]] = {}
         self._routed: dict[type[Session], type[Session]] = {}
         self._generation = 0
         self._zero()
@@ -269,7 +270,8 @@ class Router:
     # -- engines -----------------------------------------------------------------
 
     def _on_engine_created(self, role: str, engine: Engine) -> None:
-        if role in ("sync", "async"):
+        # The manager's own engines, and the other primaries' (primaries=).
+        if role in ("sync", "async") or role.startswith("node"):
             self._watch_primary(engine)
 
     def _watch_primary(self, engine: Engine | AsyncEngine) -> None:
@@ -360,16 +362,17 @@ class Router:
         return routed
 
     def _primary(self, is_async: bool) -> tuple[Any, Any]:
-        """(factory, engine) for reads on the primary: the manager's engine with
-        :data:`READ_MARK` set (it shares the primary's pool)."""
-        pair = self._primary_read.get(is_async)
+        """(factory, engine) for reads on the primary: the engine writes use now
+        (with ``primaries=``, the node the cluster picks) with :data:`READ_MARK`
+        set (it shares that engine's pool)."""
+        manager = self._manager
+        base: Any = manager._write_engine(is_async)
+        pair = self._primary_read.get((is_async, base))
         if pair is None:
-            manager = self._manager
-            base: Any = manager.async_engine if is_async else manager.engine
             engine = base.execution_options(**{READ_MARK: True})
             kw = manager._factory_kw(is_async)
             factory = async_sessionmaker(engine, **kw) if is_async else sessionmaker(engine, **kw)
-            pair = self._primary_read[is_async] = (factory, engine)
+            pair = self._primary_read[(is_async, base)] = (factory, engine)
         return pair
 
     # -- routing -----------------------------------------------------------------

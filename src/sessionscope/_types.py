@@ -110,6 +110,24 @@ class RoutingStats(TypedDict):
     engines: dict[str, EngineRoutingStats]
 
 
+class NodeStats(TypedDict):
+    """One primary of a cluster manager (``primaries=``)."""
+
+    url: str
+    sessions: int
+    healthy: bool
+    cooldown_remaining: float
+    failures: int
+
+
+class ClusterStats(TypedDict):
+    """Write-routing figures of a manager with several primaries."""
+
+    selection: str
+    cooldown: float
+    nodes: dict[str, NodeStats]
+
+
 class StatsSnapshot(TypedDict):
     """The counters of a manager since the last reset (``Stats.snapshot()``).
 
@@ -142,10 +160,12 @@ class StatsSnapshot(TypedDict):
 class SessionStats(StatsSnapshot):
     """What ``get_session_stats()`` and ``SessionManager.get_stats()`` return: the
     counters, the pool figures by engine role (``"sync"``, ``"async"``, one per
-    replica), and ``routing`` on a manager with read replicas."""
+    replica), ``routing`` on a manager with read replicas and ``cluster`` on one
+    with several primaries."""
 
     pool: dict[str, PoolStats]
     routing: NotRequired[RoutingStats]
+    cluster: NotRequired[ClusterStats]
 
 
 # -- scope options -------------------------------------------------------------------

@@ -213,6 +213,10 @@ class StreamingReplica:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", what="pg_ctl stop")
         self.running = False
 
+    def promote(self) -> None:
+        """``pg_ctl promote``: the standby ends recovery and becomes a primary."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-w", "promote", what="pg_ctl promote")
+
     def destroy(self) -> None:
         """Stop (if running) and delete everything; never raises."""
         if self.running:
