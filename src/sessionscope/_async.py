@@ -33,6 +33,8 @@ from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
 from ._policy import Action
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from sqlalchemy.orm import Session
 
     from ._config import SessionConfig
@@ -187,12 +189,9 @@ async def acall_with_retry(
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], Awaitable[T]],
-    joined: bool,
+    token: Token[_core.Boundary | None],
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
-    token = _core.enter_retry_boundary(cfg, joined)
-    if token is None:
-        return await call()
     stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
@@ -220,7 +219,6 @@ def decorate_async(
     )
     detached = detached_config(overrides)
     key = options_key(overrides)
-    requires_new = overrides.get("propagation") == "requires_new"
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -233,11 +231,12 @@ def decorate_async(
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return await func(*call_args, **call_kwargs)
 
-        joined = explicit is not None or (
-            not requires_new
-            and _core.current_frame(_core.context_key(), True, manager) is not None
+        token = _core.enter_retry_boundary(
+            cfg, explicit=explicit is not None, is_async=True, manager=manager
         )
-        return await acall_with_retry(manager, cfg, name, once, joined)
+        if token is None:
+            return await once()
+        return await acall_with_retry(manager, cfg, name, once, token)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper

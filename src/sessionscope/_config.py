@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
+from ._policy import PROPAGATIONS, Propagation
+
 __all__ = [
     "PROPAGATIONS",
     "ChildTasks",
@@ -17,9 +19,7 @@ __all__ = [
     "validate_overrides",
 ]
 
-Propagation = Literal["required", "nested", "requires_new", "mandatory", "never"]
 ChildTasks = Literal["independent", "forbid"]
-PROPAGATIONS: Final = frozenset({"required", "nested", "requires_new", "mandatory", "never"})
 _LOG_LEVELS: Final = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,

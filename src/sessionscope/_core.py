@@ -60,7 +60,7 @@ from ._errors import (
     PoolExhaustedError,
     RollbackOnlyError,
 )
-from ._policy import Action, decide
+from ._policy import Action, decide, joins
 from ._retry import describe, is_disconnect, retry_delay_for
 
 if TYPE_CHECKING:
@@ -437,10 +437,7 @@ def new_frame(
     Opens a ``Session`` object for NEW, which touches no connection. The caller
     pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
     """
-    if outer is None and cfg.propagation != "mandatory":
-        action = _NEW  # what decide() answers for every other propagation here
-    else:
-        action = decide(cfg.propagation, outer is not None, cfg.durable)
+    action = decide(cfg.propagation, outer is not None, cfg.durable)
     if action is _NEW:
         if outer is None and stack.get() is not None:
             _check_child_task(cfg, key, function)
@@ -1083,15 +1080,23 @@ def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None
 # -- retry -----------------------------------------------------------------------
 
 
-def enter_retry_boundary(cfg: SessionConfig, joined: bool) -> Token[Boundary | None] | None:
-    """The one decision of whether this call retries: make the caller the
-    retrying boundary of its thread or task and return the token to reset, or
-    None to call once: retry disabled, the call joins an enclosing scope
-    (``joined``: a part of a unit of work is never re-run alone), or an outer
-    boundary of this caller already retries."""
-    if joined or cfg.retry_attempts == 0:
+def enter_retry_boundary(
+    cfg: SessionConfig, *, explicit: bool, is_async: bool | None, manager: object
+) -> Token[Boundary | None] | None:
+    """The one decision of whether a call retries: make the caller the retrying
+    boundary of its thread or task and return the token to reset, or None to
+    call once. Calls once when retry is disabled; when the call is part of an
+    enclosing unit of work (given its session explicitly, or of a propagation
+    that joins and a scope of this kind and manager, any if None, is active),
+    since a part of a unit is never re-run alone; and when an outer boundary of
+    this caller already retries."""
+    if cfg.retry_attempts == 0:
         return None
     key = context_key()
+    if explicit or (
+        joins(cfg.propagation) and current_frame(key, is_async, manager) is not None
+    ):
+        return None
     outer = retry_boundary.get()
     if outer is not None and _same_caller(outer.key, key):
         return None

@@ -57,13 +57,6 @@ _CACHE_LIMIT = 256
 _logger = logging.getLogger("sessionscope")
 
 
-def _in_scope() -> bool:
-    # with_retry() inside any scope calls once: the callable may use the
-    # enclosing transaction, which its error already spoiled, so the error must
-    # reach the outermost retrying boundary.
-    return _core.current_frame(_core.context_key()) is not None
-
-
 class SessionManager(Generic[S_co, AS_co]):
     """Engines, session factories, configuration and statistics of one database.
 
@@ -562,7 +555,10 @@ class SessionManager(Generic[S_co, AS_co]):
         only); see :func:`sessionscope.with_retry`, types included."""
         cfg = self._retry_config(max_retries, retry_delay)
         name = getattr(func, "__qualname__", None)
-        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs), _in_scope())
+        token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
+        if token is None:
+            return func(*args, **kwargs)
+        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs), token)
 
     @overload
     async def async_with_retry(
@@ -601,9 +597,10 @@ class SessionManager(Generic[S_co, AS_co]):
         """Await ``func(*args, **kwargs)``, retrying transient errors (outermost only)."""
         cfg = self._retry_config(max_retries, retry_delay)
         name = getattr(func, "__qualname__", None)
-        return await acall_with_retry(
-            self, cfg, name, lambda: func(*args, **kwargs), _in_scope()
-        )
+        token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
+        if token is None:
+            return await func(*args, **kwargs)
+        return await acall_with_retry(self, cfg, name, lambda: func(*args, **kwargs), token)
 
     def _retry_config(self, max_retries: int | None, retry_delay: float | None) -> SessionConfig:
         overrides: dict[str, Any] = {}

@@ -28,6 +28,8 @@ from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
 from ._policy import Action
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from ._config import SessionConfig
     from ._manager import SessionManager
 
@@ -121,14 +123,12 @@ def call_with_retry(
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], T],
-    joined: bool,
+    token: Token[_core.Boundary | None],
 ) -> T:
     """Run ``call``; on a transient error, back off and run it again (each attempt
     opens its own session). Whether this call retries at all is the core's
-    decision (:func:`._core.enter_retry_boundary`)."""
-    token = _core.enter_retry_boundary(cfg, joined)
-    if token is None:
-        return call()
+    decision (:func:`._core.enter_retry_boundary`), whose ``token`` this
+    resets when done."""
     stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
@@ -160,7 +160,6 @@ def decorate_sync(
     injection, signature, name = prepare(func, overrides, is_async=False, session_types=(Session,))
     detached = detached_config(overrides)
     key = options_key(overrides)
-    requires_new = overrides.get("propagation") == "requires_new"
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -173,11 +172,10 @@ def decorate_sync(
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return func(*call_args, **call_kwargs)
 
-        joined = explicit is not None or (
-            not requires_new
-            and _core.current_frame(_core.context_key(), False, manager) is not None
+        token = _core.enter_retry_boundary(
+            cfg, explicit=explicit is not None, is_async=False, manager=manager
         )
-        return call_with_retry(manager, cfg, name, once, joined)
+        return once() if token is None else call_with_retry(manager, cfg, name, once, token)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
