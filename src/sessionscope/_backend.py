@@ -28,12 +28,16 @@ __all__ = [
     "async_url_for",
     "begin_statements",
     "default_url",
+    "driver_error_code",
     "guard_read_only",
     "is_async_url",
+    "mysql_errno",
     "pool_ran_dry",
     "pool_status",
     "refuse_autocommit",
     "safe_url",
+    "sqlite_result_code",
+    "sqlstate",
     "sync_url_for",
 ]
 
@@ -383,3 +387,56 @@ def pool_status(engine: Engine | None) -> dict[str, Any]:
     if isinstance(timeout, (int, float)):
         status["timeout"] = timeout
     return status
+
+
+# -- error codes: where each driver keeps its own --------------------------------
+
+
+def sqlstate(orig: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL driver error: psycopg's ``.sqlstate``,
+    psycopg2's ``.pgcode``, or asyncpg's through SQLAlchemy's adapter (which
+    keeps the asyncpg error as ``__cause__``)."""
+    for candidate in (orig, orig.__cause__):
+        if candidate is None:
+            continue
+        for attr in ("sqlstate", "pgcode"):
+            value = getattr(candidate, attr, None)
+            if isinstance(value, str) and len(value) == 5:
+                return value
+    return None
+
+
+def mysql_errno(orig: BaseException) -> int | None:
+    """The error number of a MySQL/MariaDB driver error. PyMySQL and aiomysql
+    carry ``(errno, message)`` in ``args``; other drivers put the message first.
+    Read before any SQLSTATE: PyMySQL >= 1.2 also sets ``.sqlstate``, whose MySQL
+    values (HY000 for a lock wait timeout) mean nothing to PostgreSQL's table."""
+    if orig.args and isinstance(orig.args[0], int) and not isinstance(orig.args[0], bool):
+        return orig.args[0]
+    return None
+
+
+def sqlite_result_code(orig: BaseException) -> int | None:
+    """The (extended) result code of a sqlite3 error, Python >= 3.11."""
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code if isinstance(code, int) else None
+
+
+def driver_error_code(orig: BaseException, *, sqlite_names: bool = True) -> str | None:
+    """The code a driver error carries, as text: the error number on
+    MySQL/MariaDB, the SQLSTATE on PostgreSQL, on SQLite the result code's name
+    (``SQLITE_BUSY``) or, with ``sqlite_names=False``, its number (what the
+    OpenTelemetry conventions ask for); None when there is none. Never the
+    message, which can hold SQL and bound parameters. The one extractor for
+    retry decisions, log lines and exporters."""
+    errno = mysql_errno(orig)
+    if errno is not None:
+        return str(errno)
+    state = sqlstate(orig)
+    if state is not None:
+        return state
+    if sqlite_names:
+        name = getattr(orig, "sqlite_errorname", None)
+        return name if isinstance(name, str) else None
+    number = sqlite_result_code(orig)
+    return None if number is None else str(number)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import exc as sa_exc
 
+from ._backend import driver_error_code, mysql_errno, sqlite_result_code, sqlstate
 from ._errors import CommitOutcomeUnknownError, PoolExhaustedError, RollbackOnlyError
 
 if TYPE_CHECKING:
@@ -98,12 +99,12 @@ def is_transient(exc: BaseException) -> bool:
         return False
     orig = exc.orig
     if isinstance(orig, BaseException):
-        errno = _mysql_errno(orig)
+        errno = mysql_errno(orig)
         if errno is not None:
             if errno in _MYSQL_CONFLICT:
                 return True
         else:
-            state = _sqlstate(orig)
+            state = sqlstate(orig)
             if state in _PG_OUTCOME_UNKNOWN:
                 return False
             if state in _PG_CONFLICT:
@@ -129,10 +130,10 @@ def is_disconnect(exc: BaseException) -> bool:
     orig = exc.orig
     if not isinstance(orig, BaseException):
         return False
-    errno = _mysql_errno(orig)
+    errno = mysql_errno(orig)
     if errno is not None:
         return errno in _MYSQL_GONE
-    state = _sqlstate(orig)
+    state = sqlstate(orig)
     return state is not None and (
         state.startswith("08") or state in _PG_GONE or state in _PG_OUTCOME_UNKNOWN
     )
@@ -146,14 +147,7 @@ def error_code(exc: BaseException) -> str | None:
     orig = getattr(exc, "orig", None)
     if not isinstance(orig, BaseException):
         return None
-    errno = _mysql_errno(orig)
-    if errno is not None:
-        return str(errno)
-    state = _sqlstate(orig)
-    if state is not None:
-        return state
-    name = getattr(orig, "sqlite_errorname", None)
-    return name if isinstance(name, str) else None
+    return driver_error_code(orig)
 
 
 def describe(exc: BaseException) -> str:
@@ -172,34 +166,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__} [{driver_name}{' ' + code if code else ''}]"
 
 
-def _sqlstate(orig: BaseException) -> str | None:
-    # psycopg exposes .sqlstate, psycopg2 .pgcode; SQLAlchemy's asyncpg adapter
-    # copies .sqlstate from the asyncpg error it keeps as __cause__.
-    for candidate in (orig, orig.__cause__):
-        if candidate is None:
-            continue
-        for attr in ("sqlstate", "pgcode"):
-            value = getattr(candidate, attr, None)
-            if isinstance(value, str) and len(value) == 5:
-                return value
-    return None
-
-
-def _mysql_errno(orig: BaseException) -> int | None:
-    # PyMySQL / aiomysql errors carry (errno, message) in args; the other
-    # drivers put the message first. Checked before the SQLSTATE: PyMySQL >= 1.2
-    # also sets .sqlstate, whose MySQL values (HY000 for a lock wait timeout)
-    # mean nothing to the PostgreSQL table.
-    if orig.args and isinstance(orig.args[0], int) and not isinstance(orig.args[0], bool):
-        return orig.args[0]
-    return None
-
-
 def _sqlite_busy(exc: sa_exc.DBAPIError, orig: BaseException) -> bool:
     if not isinstance(exc, sa_exc.OperationalError):
         return False
-    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11
-    if isinstance(code, int):
+    code = sqlite_result_code(orig)
+    if code is not None:
         return code & 0xFF in _SQLITE_BUSY
     if type(orig).__module__.startswith("sqlite3"):
         message = str(orig).lower()

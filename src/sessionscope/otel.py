@@ -57,6 +57,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
+from ._backend import driver_error_code
 from ._manager import SessionManager
 from ._stats import DURATION_BUCKETS
 
@@ -316,7 +317,7 @@ def _statement_listeners(
             return
         error = ctx.original_exception
         attrs = {**attrs_for(ctx.statement or ""), "error.type": _qualname(error)}
-        code = _status_code(error, mysql=system in ("mysql", "mariadb"))
+        code = driver_error_code(error, sqlite_names=False)
         if code is not None:
             attrs["db.response.status_code"] = code
         record(time.perf_counter() - started, attrs)
@@ -340,26 +341,6 @@ def _operation_name(statement: str) -> str | None:
 def _qualname(error: BaseException) -> str:
     cls = type(error)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _status_code(error: BaseException, *, mysql: bool) -> str | None:
-    # The code each system documents: MySQL/MariaDB's error number, the
-    # SQLSTATE elsewhere (psycopg; asyncpg through its adapter's cause), and
-    # SQLite's extended result code.
-    args = getattr(error, "args", ())
-    if mysql and args and isinstance(args[0], int) and not isinstance(args[0], bool):
-        return str(args[0])
-    for candidate in (error, error.__cause__):
-        if candidate is None:
-            continue
-        for attr in ("sqlstate", "pgcode"):
-            value = getattr(candidate, attr, None)
-            if isinstance(value, str) and value:
-                return value
-    sqlite_code = getattr(error, "sqlite_errorcode", None)
-    if isinstance(sqlite_code, int):
-        return str(sqlite_code)
-    return None
 
 
 def instrument(
