@@ -94,8 +94,8 @@ def test_stats_typeddicts_match_what_get_stats_returns(sqlite_manager: SessionMa
     add("ann")
     stats: dict[str, Any] = dict(sqlite_manager.get_stats())
     required = SessionStats.__required_keys__
-    assert set(stats) == required  # no replicas: no "routing"
-    assert SessionStats.__optional_keys__ == {"routing"}
+    assert set(stats) == required  # no replicas, no cluster: neither key
+    assert SessionStats.__optional_keys__ == {"routing", "cluster"}
     entry = next(iter(stats["functions"].values()))
     assert set(entry) == set(FunctionStats.__annotations__)
     assert set(stats["pool"]) == {"sync"}

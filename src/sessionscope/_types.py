@@ -191,6 +191,10 @@ class ScopeOptions(TypedDict, total=False):
     expire_on_commit: bool
     slow_threshold: float
     long_session_warning: float | None
+    expected_errors: tuple[type[BaseException], ...]
+    expected_status_below: int
+    child_tasks: Literal["independent", "forbid"]
+    causal_reads: bool
 
 
 # -- decorated functions -------------------------------------------------------------
