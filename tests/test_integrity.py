@@ -709,3 +709,80 @@ def test_read_only_generator_never_raises_for_the_caller_writes(env: Env) -> Non
         session.add(User(name="refused"))
         session.flush()
     env.assert_clean()
+
+
+# -- found by the model-based test (tests/test_model.py) ---------------------------------
+
+
+async def test_wait_for_inside_an_async_generator_joins_its_scope(aenv: Env) -> None:
+    """Counterexample of the model test on Python 3.11: a decorated call under
+    ``asyncio.wait_for`` inside an async generator holding a scope committed on
+    its own (wait_for's task did not stand for the generator's caller), and
+    survived the generator's abandonment."""
+    manager = aenv.manager
+
+    @manager.async_with_session
+    async def add(session: AsyncSession, name: str) -> None:
+        session.add(User(name=name))
+
+    async def gen() -> AsyncIterator[None]:
+        async with manager.async_session_scope():
+            await asyncio.wait_for(add("inside"), timeout=30)
+            yield
+
+    g = gen()
+    await g.__anext__()
+    await g.aclose()  # abandoned: its scope, and the joined write, roll back
+    assert aenv.rows() == []
+    aenv.assert_clean()
+
+
+def test_abandoned_generator_joined_to_the_caller_does_not_fail_it(env: Env) -> None:
+    """A generator whose scope joined the caller's, left with ``break``: its
+    consumer chose to stop, so the caller's scope still commits."""
+    manager = env.manager
+
+    def rows_of(session_names: list[str]) -> Iterator[str]:
+        with manager.session_scope() as session:
+            session.add(User(name="from the generator"))
+            yield from session_names
+
+    with manager.session_scope() as session:
+        session.add(User(name="caller"))
+        for _ in rows_of(["a", "b"]):
+            break
+    assert env.rows() == ["caller", "from the generator"]
+    env.assert_clean()
+
+
+def test_nested_scope_in_a_generator_on_the_callers_session_is_refused(env: Env) -> None:
+    """A SAVEPOINT held by a generator would roll back the caller's own writes
+    made between iterations: refused at entry."""
+    manager = env.manager
+
+    def gen() -> Iterator[None]:
+        with manager.session_scope(propagation="nested"):
+            yield
+
+    with manager.session_scope() as session:
+        session.add(User(name="caller"))
+        with pytest.raises(ActiveScopeError, match="generator"):
+            next(gen())
+    assert env.rows() == ["caller"]
+    env.assert_clean()
+
+
+def test_savepoint_closed_by_the_body_commit_fails_the_owner_if_its_scope_fails(env: Env) -> None:
+    """After ``session.commit()`` inside a nested scope its SAVEPOINT is gone, so
+    its later work cannot be undone when it fails: the owner must not commit it."""
+    manager = env.manager
+    with pytest.raises(RollbackOnlyError), manager.session_scope() as outer:
+        with pytest.raises(ValueError), manager.session_scope(propagation="nested") as inner:
+            inner.add(User(name="committed"))
+            inner.commit()
+            inner.add(User(name="not undone by the savepoint"))
+            inner.flush()
+            raise ValueError("the nested scope fails")
+        outer.add(User(name="after"))
+    assert env.rows() == ["committed"]
+    env.assert_clean()
