@@ -36,10 +36,13 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _logger = logging.getLogger("sessionscope")
+# A library adds no output of its own: the application's logging configuration
+# decides where records go (without it, Python's last-resort handler would print
+# warnings to stderr). The logger's level is left alone unless log_level= is set.
+_logger.addHandler(logging.NullHandler())
 _lock = threading.Lock()
 _default: SessionManager | None = None
 _config = SessionConfig()
-_logger.setLevel(_config.log_levelno)
 
 
 def setup_database_connection(
@@ -80,7 +83,8 @@ def configure_session(**fields: Any) -> SessionConfig:
 
     Validates first: an invalid value raises ``ValueError``/``TypeError`` and
     changes nothing. Applies to the default manager now and after a later setup;
-    decorated functions pick it up at their next call.
+    decorated functions pick it up at their next call. The ``sessionscope``
+    logger's level is set only when ``log_level`` is passed.
     """
     global _config
     with _lock:
@@ -88,7 +92,8 @@ def configure_session(**fields: Any) -> SessionConfig:
         _config = new
         if _default is not None:
             _default.configure(**fields)
-        _logger.setLevel(new.log_levelno)
+        if "log_level" in fields:
+            _logger.setLevel(new.log_levelno)
     return new
 
 
