@@ -35,18 +35,32 @@ The package root never imports this module, so FastAPI stays an optional extra.
 """
 
 import contextvars
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-import anyio.to_thread
-from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from . import _core
 from ._api import get_default_manager
 from ._config import SessionConfig
+from ._extras import missing_extra
 from ._manager import SessionManager
+
+try:
+    import anyio.to_thread
+    import fastapi
+    from fastapi import Depends
+except ImportError as err:
+    raise missing_extra("sessionscope.fastapi", "fastapi", err) from err
+
+if "scope" not in inspect.signature(Depends).parameters:
+    # Without it the request's scope would end after the response is sent.
+    raise ImportError(
+        f"sessionscope.fastapi needs FastAPI >= 0.121 (Depends(scope=...)), found "
+        f"{fastapi.__version__}: pip install -U 'sessionscope[fastapi]'"
+    )
 
 __all__ = [
     "SessionDep",
