@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -54,17 +55,46 @@ def setup_database_connection(
     ``sessionscope.db``; ``async_url`` is derived from it unless given. ``options``
     are :class:`SessionManager` keyword arguments: ``engine=``/``async_engine=`` to
     reuse existing engines, ``session_class=``, ``session_options=``, and engine
-    options such as ``pool_size=``. Calling it again replaces the default manager
-    (dispose the old one's engines yourself if they matter); statistics carry on.
-    Nothing connects until the first statement.
+    options such as ``pool_size=``. Nothing connects until the first statement.
+
+    Calling it again replaces the default manager (statistics carry on) and
+    disposes the replaced manager's pools: the sync ones at once; the async one
+    by a task on the running event loop when called inside one. Called from
+    synchronous code after async work, the async pool is left alone: its
+    connections belong to the event loop that opened them, which may be closed,
+    so ``await get_default_manager().adispose()`` before replacing it. A
+    disposed manager still works (it opens new connections).
     """
     global _default
     with _lock:
         manager = SessionManager(url, async_url=async_url, config=_config, **options)
-        if _default is not None:
-            manager.stats = _default.stats
-        _default = manager
+        old, _default = _default, manager
+        if old is not None:
+            manager.stats = old.stats
+    if old is not None:
+        _dispose_replaced(old)
     return manager
+
+
+_disposals: set[asyncio.Task[None]] = set()
+
+
+def _dispose_replaced(old: SessionManager) -> None:
+    old.dispose()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    task = loop.create_task(_adispose_quietly(old))
+    _disposals.add(task)  # a strong reference until it is done
+    task.add_done_callback(_disposals.discard)
+
+
+async def _adispose_quietly(old: SessionManager) -> None:
+    try:
+        await old.adispose()
+    except Exception as err:  # pooled connections of another, closed event loop
+        _logger.debug("disposing the replaced default manager failed: %r", err)
 
 
 def get_default_manager() -> SessionManager:
