@@ -65,7 +65,8 @@ def render_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statist
             min_width=len(title) + 2,
         )
         for i, column in enumerate(columns):
-            t.add_column(column, justify="left" if i == 0 else "right")
+            # Names (first column) wrap in a narrow terminal instead of being cut.
+            t.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
         return t
 
     counters = table("Transactions", "figure", "value")

@@ -48,10 +48,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"sessionscope demo on {safe_url(manager.url)}\n")
     try:
         counts = run_demo(manager)
+        print(f"\nfinal: {counts['users']} users, {counts['profiles']} profiles\n")
+        _print_stats(manager.get_stats(), "statistics")
     finally:
         manager.dispose()
-    print(f"\nfinal: {counts['users']} users, {counts['profiles']} profiles\n")
-    _print_stats(manager.get_stats(), "statistics")
     return 0
 
 
