@@ -57,8 +57,14 @@ def test_import_sessionscope_imports_no_optional_dependency(tmp_path: Path) -> N
             "sessionscope.otel needs 'opentelemetry', which is not installed: "
             "pip install 'sessionscope[otel]'",
         ),
+        (
+            ["fastapi"],
+            "import sessionscope.stats_endpoint",
+            "sessionscope.stats_endpoint needs 'fastapi', which is not installed: "
+            "pip install 'sessionscope[fastapi]'",
+        ),
     ],
-    ids=["get_db-anyio", "fastapi", "prometheus", "otel"],
+    ids=["get_db-anyio", "fastapi", "prometheus", "otel", "stats_endpoint"],
 )
 def test_missing_extra_names_the_extra(
     hidden: list[str], statement: str, message: str, tmp_path: Path
@@ -72,3 +78,20 @@ def test_missing_extra_names_the_extra(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == message
+
+
+@pytest.mark.parametrize("command", [["demo"], ["stats", "--url", "sqlite://"]])
+def test_cli_without_rich_names_the_cli_extra(command: list[str], tmp_path: Path) -> None:
+    out = _python(
+        "import sys\n"
+        "sys.modules['rich'] = None\n"
+        "from sessionscope.cli import main\n"
+        f"sys.exit(main({command!r}))\n",
+        tmp_path,
+    )
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"sessionscope {command[0]}: the sessionscope command needs 'rich', which is not "
+        "installed: pip install 'sessionscope[cli]'\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # the demo did not start

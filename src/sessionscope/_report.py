@@ -13,9 +13,19 @@ from typing import TYPE_CHECKING, Any
 from ._extras import missing_extra
 
 if TYPE_CHECKING:
-    from rich.console import Group
+    from rich.console import Console, Group
 
-__all__ = ["format_stats", "pool_rows", "render_stats"]
+__all__ = ["console", "format_stats", "pool_rows", "render_stats"]
+
+
+def console(**options: Any) -> Console:
+    """A ``rich`` console (``options`` as for ``rich.console.Console``); raises an
+    ``ImportError`` naming the ``cli`` extra when rich is not installed."""
+    try:
+        from rich.console import Console
+    except ImportError as err:
+        raise missing_extra("the sessionscope command", "cli", err) from err
+    return Console(**options)
 
 
 def pool_rows(pool: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
@@ -140,11 +150,9 @@ def format_stats(
     stats: Mapping[str, Any], *, title: str = "sessionscope statistics", width: int = 100
 ) -> str:
     """:func:`render_stats` as plain text (no colour), ``width`` columns wide."""
-    from rich.console import Console
-
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, highlight=False)
-    console.print(render_stats(stats, title=title))
+    out = console(file=buffer, width=width, color_system=None, highlight=False)
+    out.print(render_stats(stats, title=title))
     return buffer.getvalue()
 
 

@@ -32,18 +32,16 @@ class CommandError(Exception):
 
 
 def _print_stats(stats: Mapping[str, Any], title: str) -> None:
-    from rich.console import Console
+    from ._report import console, render_stats
 
-    from ._report import render_stats
-
-    Console(highlight=False).print(render_stats(stats, title=title))
+    console(highlight=False).print(render_stats(stats, title=title))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
-    from ._report import render_stats
+    from ._report import console
 
-    render_stats({})  # fail now, before the demo runs, if the cli extra is missing
+    console()  # without the cli extra, say so before the demo runs
     manager = SessionManager(args.url)
     print(f"sessionscope demo on {safe_url(manager.url)}\n")
     try:
@@ -56,6 +54,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    if not args.json:
+        from ._report import console
+
+        console()  # without the cli extra, say so before fetching or probing
     if args.source is not None:
         snapshot, title = _fetch(args.source), f"sessionscope stats of {args.source}"
     else:
@@ -163,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sessionscope {args.command}: {err}", file=sys.stderr)
         return 1
     except Exception as err:
+        if isinstance(err, ImportError) and "pip install 'sessionscope[" in str(err):
+            print(f"sessionscope {args.command}: {err}", file=sys.stderr)  # an extra
+            return 1
         url = getattr(args, "url", None)
         print(
             f"sessionscope {args.command}: cannot use {_target(url)}: {_why(err, url)}",
@@ -181,7 +186,7 @@ def _target(url: str | None) -> str:
 
 def _why(err: BaseException, url: str | None) -> str:
     """The error's class and the driver's own message, the password hidden."""
-    if isinstance(err, ImportError) and err.name and not str(err).startswith("the "):
+    if isinstance(err, ImportError) and err.name:
         return f"driver module {err.name!r} is not installed"
     try:
         make_url(url if url is not None else default_url())
