@@ -55,3 +55,16 @@ mkdir -p "$work"
 cp -r tests pyproject.toml "$work/"
 cd "$work"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_semantics.py tests/test_fastapi.py
+
+# Below the floor: FastAPI 0.120 lacks Depends(scope=...), and importing the
+# integration must say so (an ImportError naming the version), not misbehave.
+"$venv/bin/pip" install -q "fastapi==0.120.*"
+"$venv/bin/python" - <<'PY'
+try:
+    import sessionscope.fastapi  # noqa: F401
+except ImportError as err:
+    assert "needs FastAPI >= 0.121" in str(err), err
+    print("FastAPI 0.120:", err)
+else:
+    raise SystemExit("sessionscope.fastapi imported with FastAPI 0.120")
+PY
