@@ -18,7 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import sessionscope
-from sessionscope import SessionConfig, SessionFactoryNotInitializedError, SessionManager, _api
+from sessionscope import (
+    SessionConfig,
+    SessionFactoryNotInitializedError,
+    SessionManager,
+    _api,
+    _lifecycle,
+)
 
 from .conftest import reset_schema
 from .models import User
@@ -429,6 +435,6 @@ async def test_setup_again_inside_the_loop_disposes_the_async_pool(db_url: str) 
     assert old.pool_status()["async"]["checked_in"] == 1
     new = sessionscope.setup_database_connection(db_url)
     assert old.pool_status()["async"]["checked_in"] == 1  # a task on this loop does it
-    await asyncio.gather(*_api._disposals)
+    await asyncio.gather(*_lifecycle.pending)
     assert old.pool_status()["async"]["checked_in"] == 0
     await new.adispose()

@@ -111,13 +111,13 @@ def test_bad_password_shows_the_drivers_reason_without_it(tmp_path: Path) -> Non
 
 def test_unknown_charset_is_a_one_line_error(tmp_path: Path) -> None:
     url = make_url(require_server("mariadb")).set(
-        password=PASSWORD, query={"charset": "nonexist"}
+        drivername="mysql+pymysql", password=PASSWORD, query={"charset": "nonexist"}
     )
     out = _run(["stats", "--url", url.render_as_string(hide_password=False)], tmp_path)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
     assert PASSWORD not in out.stderr
-    assert out.stderr.startswith("sessionscope stats: cannot use mariadb+pymysql://root:***@")
+    assert out.stderr.startswith("sessionscope stats: cannot use mysql+pymysql://root:***@")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,7 @@ from . import _core
 from ._async import AsyncScope, decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._errors import SessionFactoryNotInitializedError
+from ._lifecycle import dispose_replaced
 from ._manager import SessionManager
 from ._sync import SyncScope, decorate_sync
 
@@ -72,29 +72,8 @@ def setup_database_connection(
         if old is not None:
             manager.stats = old.stats
     if old is not None:
-        _dispose_replaced(old)
+        dispose_replaced(old)
     return manager
-
-
-_disposals: set[asyncio.Task[None]] = set()
-
-
-def _dispose_replaced(old: SessionManager) -> None:
-    old.dispose()
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    task = loop.create_task(_adispose_quietly(old))
-    _disposals.add(task)  # a strong reference until it is done
-    task.add_done_callback(_disposals.discard)
-
-
-async def _adispose_quietly(old: SessionManager) -> None:
-    try:
-        await old.adispose()
-    except Exception as err:  # pooled connections of another, closed event loop
-        _logger.debug("disposing the replaced default manager failed: %r", err)
 
 
 def get_default_manager() -> SessionManager:
