@@ -34,7 +34,10 @@ class CommandError(Exception):
 def _print_stats(stats: Mapping[str, Any], title: str) -> None:
     from ._report import console, render_stats
 
-    console(highlight=False).print(render_stats(stats, title=title))
+    out = console(highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = 120  # piped or logged: no terminal to fit, keep names whole
+    out.print(render_stats(stats, title=title))
 
 
 def _demo(args: argparse.Namespace) -> int:
