@@ -1,6 +1,7 @@
 """The Alembic recipe of docs/alembic.md, run for real: ``alembic upgrade head``
-(a subprocess, as a user runs it) with the ``env.py`` that uses the manager's
-engine, a schema revision and a data migration through a bound ``Session``."""
+and ``downgrade`` (subprocesses, as a user runs them) with the documented
+``env.py`` on the manager's engine, a schema revision, and the documented data
+migration running a decorated service bound to Alembic's connection."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _doc_block(name: str) -> str:
     raise AssertionError(f"docs/alembic.md has no block for {name}")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_alembic_upgrade_with_the_documented_env(backend: str, tmp_path: Path) -> None:
     from .conftest import backend_url
 
@@ -103,13 +104,19 @@ def test_alembic_upgrade_with_the_documented_env(backend: str, tmp_path: Path) -
     )
     assert out.returncode == 0, out.stdout + out.stderr
     engine = create_engine(url)
+    select_rows = text("SELECT name, display_name FROM alembic_users ORDER BY name")
     try:
         assert "alembic_users" in inspect(engine).get_table_names()
         with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT name, display_name FROM alembic_users ORDER BY name")
-            ).all()
+            rows = conn.execute(select_rows).all()
             version = conn.scalar(text("SELECT version_num FROM alembic_version"))
+        down = subprocess.run(
+            [sys.executable, "-m", "alembic", "downgrade", "0001"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        with engine.connect() as conn:
+            downgraded = conn.execute(select_rows).all()
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE alembic_users"))
             conn.execute(text("DROP TABLE alembic_version"))
@@ -117,3 +124,4 @@ def test_alembic_upgrade_with_the_documented_env(backend: str, tmp_path: Path) -
         engine.dispose()
     assert [tuple(r) for r in rows] == [("ann lee", "Ann Lee"), ("bo", "Bo")]
     assert version == "0002"
+    assert [tuple(r) for r in downgraded] == [("ann lee", None), ("bo", None)]
