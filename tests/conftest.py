@@ -78,9 +78,12 @@ def _ensure_database(backend: str) -> str | None:
     return None
 
 
-def run_pytest(directory: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_pytest(
+    directory: Path, env: dict[str, str], *, asyncio_mode: str = "auto"
+) -> subprocess.CompletedProcess[str]:
     """Run pytest on ``directory`` in a child process, with this project's pytest
-    settings (warnings as errors, asyncio auto mode)."""
+    settings (warnings as errors, asyncio auto mode unless ``asyncio_mode`` says
+    otherwise: ``"strict"`` is pytest-asyncio's default, as a reader has it)."""
     return subprocess.run(
         [
             sys.executable,
@@ -92,7 +95,7 @@ def run_pytest(directory: Path, env: dict[str, str]) -> subprocess.CompletedProc
             "-W",
             "error",
             "-o",
-            "asyncio_mode=auto",
+            f"asyncio_mode={asyncio_mode}",
             "-o",
             "asyncio_default_fixture_loop_scope=function",
             str(directory),

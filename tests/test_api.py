@@ -18,7 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import sessionscope
-from sessionscope import SessionConfig, SessionFactoryNotInitializedError, SessionManager, _api
+from sessionscope import (
+    SessionConfig,
+    SessionFactoryNotInitializedError,
+    SessionManager,
+    _api,
+    _lifecycle,
+)
 
 from .conftest import reset_schema
 from .models import User
@@ -407,3 +413,28 @@ async def test_a_session_of_the_wrong_kind_is_a_clear_type_error(
         await needs_async(session=None)  # None: one is injected
     finally:
         await manager.adispose()
+
+
+def test_setup_again_disposes_the_replaced_managers_sync_pool(db_url: str) -> None:
+    old = sessionscope.setup_database_connection(db_url)
+    with old.session_scope() as session:
+        session.execute(text("SELECT 1"))
+    assert old.pool_status()["sync"]["checked_in"] == 1
+    new = sessionscope.setup_database_connection(db_url)
+    try:
+        assert old.pool_status()["sync"]["checked_in"] == 0
+        assert new.stats is old.stats  # statistics carry on
+    finally:
+        new.dispose()
+
+
+async def test_setup_again_inside_the_loop_disposes_the_async_pool(db_url: str) -> None:
+    old = sessionscope.setup_database_connection(db_url)
+    async with old.async_session_scope() as session:
+        await session.execute(text("SELECT 1"))
+    assert old.pool_status()["async"]["checked_in"] == 1
+    new = sessionscope.setup_database_connection(db_url)
+    assert old.pool_status()["async"]["checked_in"] == 1  # a task on this loop does it
+    await asyncio.gather(*_lifecycle.pending)
+    assert old.pool_status()["async"]["checked_in"] == 0
+    await new.adispose()

@@ -45,8 +45,8 @@ def test_demo_on_a_server(server: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("postgresql://u:s3cret@127.0.0.1:abc/db", "ValueError"),
-        ("not a url s3cret", "ArgumentError"),
+        ("postgresql://u:s3cret@127.0.0.1:abc/db", "ValueError: the URL could not be parsed"),
+        ("not a url s3cret", "ArgumentError: the URL could not be parsed"),
         ("mysql+mysqldb://u:s3cret@127.0.0.1/db", "driver module 'MySQLdb' is not installed"),
     ],
 )

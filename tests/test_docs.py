@@ -31,7 +31,12 @@ from sessionscope import _api
 from .conftest import run_pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "guide.md", ROOT / "docs" / "migration.md", ROOT / "README.zh-CN.md"]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "README.zh-CN.md",
+    ROOT / "docs" / "guide.md",
+    ROOT / "docs" / "migration.md",
+]
 
 _FENCE = re.compile(r"^```(\S*)[ \t]*(.*?)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
@@ -116,7 +121,8 @@ def run_file_blocks(path: Path, files: list[Block], workdir: Path) -> None:
         return
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
-    result = run_pytest(workdir, env)
+    # pytest-asyncio's default strict mode, as a reader's project has it.
+    result = run_pytest(workdir, env, asyncio_mode="strict")
     assert result.returncode == 0, f"{path.name} test files:\n{result.stdout}{result.stderr}"
     assert re.search(r"\d+ passed", result.stdout) and "skipped" not in result.stdout
 

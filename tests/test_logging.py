@@ -7,7 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -169,6 +173,72 @@ def test_configure_session_sets_the_logger_level() -> None:
     assert logger.level == logging.DEBUG
     sessionscope.configure_session(log_level="warning")
     assert logger.level == logging.WARNING
+
+
+def test_configure_session_without_log_level_keeps_the_applications_level() -> None:
+    logger = logging.getLogger("sessionscope")
+    saved = logger.level
+    try:
+        logger.setLevel(logging.ERROR)  # as an application's logging config would
+        sessionscope.configure_session(retry_attempts=2, enable_monitoring=True)
+        assert logger.level == logging.ERROR
+    finally:
+        logger.setLevel(saved)
+
+
+def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_import_sets_no_level_and_adds_only_a_null_handler(tmp_path: Path) -> None:
+    """A fresh process, as an application starts: importing and setting up the
+    library changes nothing in its logging configuration."""
+    out = _python(
+        "import logging\n"
+        "import sessionscope\n"
+        "logger = logging.getLogger('sessionscope')\n"
+        "sessionscope.setup_database_connection('sqlite://')\n"
+        "sessionscope.configure_session(retry_attempts=1)\n"
+        "print(logger.level, [type(h).__name__ for h in logger.handlers], logger.propagate)\n",
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(logging.NOTSET), "['NullHandler']", "True"]
+
+
+def test_warnings_do_not_reach_stderr_without_logging_configured(tmp_path: Path) -> None:
+    """No handler configured by the application: a rolled-back scope's WARNING goes
+    to the NullHandler, not to Python's last-resort handler on stderr; once the
+    application configures logging, it is shown there."""
+    code = (
+        "import logging, sys\n"
+        "import sessionscope\n"
+        "sessionscope.setup_database_connection('sqlite://')\n"
+        "def fail():\n"
+        "    try:\n"
+        "        with sessionscope.session_scope():\n"
+        "            raise KeyError('x')\n"
+        "    except KeyError:\n"
+        "        pass\n"
+        "fail()\n"
+        "if sys.argv[1:] == ['configured']:\n"
+        "    logging.basicConfig(format='%(levelname)s %(name)s %(message)s')\n"
+        "    fail()\n"
+    )
+    quiet = _python(code, tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    shown = subprocess.run(
+        [sys.executable, "-c", code, "configured"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0
+    assert shown.stderr.splitlines() == [
+        "WARNING sessionscope transaction of scope rolled back: KeyError escaped the scope"
+    ]
 
 
 async def test_cancellation_is_not_logged_as_a_failure(

@@ -13,6 +13,7 @@ with CI=true they fail instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from sessionscope import ReadOnlyError, SessionConfig, SessionManager
 
 from .conftest import IN_CI, require_server, reset_schema
 from .models import User
-from .replica import ReplicaSetupError, StreamingReplica, allow_replication, pg_bin
+from .replica import ReplicaSetupError, StreamingReplica, pg_bin, replication_allowed
 
 
 @dataclass
@@ -60,8 +61,9 @@ def cluster() -> Iterator[Cluster]:
     host, port = parsed.host or "127.0.0.1", parsed.port or 5432
     assert parsed.database is not None
     replicas: list[StreamingReplica] = []
+    hba = contextlib.ExitStack()
     try:
-        allow_replication(host, port)
+        hba.enter_context(replication_allowed(host, port))
         engine = create_engine(primary)
         try:
             reset_schema(engine)
@@ -81,6 +83,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         for replica in replicas:
             replica.destroy()
+        hba.close()  # pg_hba.conf as it was, also after a failure
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def reader_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 def test_monitoring_page_examples_run(reader_dir: Path) -> None:
     python = [b for b in blocks(PAGE) if b.language == "python"]
-    assert len(python) == 6
+    assert len(python) == 7
     run_python_blocks(PAGE, python)
 
 

@@ -152,11 +152,19 @@ async def test_async_bound_scopes(manager: SessionManager) -> None:
 CONFTEST = """
 import os
 
+import pytest
+
 import sessionscope
 
 pytest_plugins = ["sessionscope.testing"]
 
-sessionscope.setup_database_connection(os.environ["SESSIONSCOPE_INNER_URL"])
+manager = sessionscope.setup_database_connection(os.environ["SESSIONSCOPE_INNER_URL"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dispose_at_the_end():
+    yield
+    manager.dispose()  # the async pool is disposed after each async test
 """
 
 INNER_TESTS = """
@@ -224,6 +232,29 @@ async def test_async_next_test_starts_clean(sessionscope_async_transaction):
     await asignup("ann")
 
 
+def test_session_fixture_arranges_data_for_the_code_under_test(session):
+    session.add(User(name="arranged"))
+    session.flush()  # on the test's connection: the code under test sees it
+    assert count() == 1
+    signup("bob")
+    assert session.scalar(COUNT) == 2
+
+
+def test_session_fixture_next_test_starts_clean(session):
+    assert session.scalar(COUNT) == 0
+
+
+async def test_async_session_fixture(async_session):
+    async_session.add(User(name="arranged"))
+    await async_session.commit()  # releases its savepoint only
+    await asignup("bob")
+    assert await async_session.scalar(COUNT) == 2
+
+
+async def test_async_session_fixture_next_test_starts_clean(async_session):
+    assert await async_session.scalar(COUNT) == 0
+
+
 class UserIn(BaseModel):
     name: str
 
@@ -281,7 +312,7 @@ def test_plugin_leaves_the_database_unchanged(manager: SessionManager, tmp_path:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = run_pytest(tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout, result.stdout
+    assert "10 passed" in result.stdout, result.stdout
     # Everything the inner tests committed is gone; what was there before stays.
     with session_scope() as session:
         assert session.scalars(select(User.name)).all() == ["existing"]

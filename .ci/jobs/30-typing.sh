@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-.venv/bin/pip install -q -e '.[test,typing]'
+.venv/bin/pip install -q -e '.[postgresql,mysql,fastapi,prometheus,otel,cli]' --group dev --group typing
 
 for version in 3.10 3.13; do
     echo "+ mypy --strict --python-version $version tests/typing"

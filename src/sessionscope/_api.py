@@ -17,6 +17,7 @@ from . import _core
 from ._async import decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._errors import SessionFactoryNotInitializedError
+from ._lifecycle import dispose_replaced
 from ._manager import SessionManager
 from ._sync import decorate_sync
 from ._types import (
@@ -53,10 +54,13 @@ SessT = TypeVar("SessT", bound=Session)
 ASessT = TypeVar("ASessT", bound=AsyncSession)
 
 _logger = logging.getLogger("sessionscope")
+# A library adds no output of its own: the application's logging configuration
+# decides where records go (without it, Python's last-resort handler would print
+# warnings to stderr). The logger's level is left alone unless log_level= is set.
+_logger.addHandler(logging.NullHandler())
 _lock = threading.Lock()
 _default: SessionManager | None = None
 _config = SessionConfig()
-_logger.setLevel(_config.log_levelno)
 
 
 def setup_database_connection(
@@ -73,9 +77,15 @@ def setup_database_connection(
     ``sessionscope.db``; ``async_url`` is derived from it unless given. ``options``
     are :class:`SessionManager` keyword arguments: ``engine=``/``async_engine=`` to
     reuse existing engines, ``session_class=``, ``session_options=``, and engine
-    options such as ``pool_size=``. Calling it again replaces the default manager
-    (dispose the old one's engines yourself if they matter); statistics carry on.
-    Nothing connects until the first statement.
+    options such as ``pool_size=``. Nothing connects until the first statement.
+
+    Calling it again replaces the default manager (statistics carry on) and
+    disposes the replaced manager's pools: the sync ones at once; the async one
+    by a task on the running event loop when called inside one. Called from
+    synchronous code after async work, the async pool is left alone: its
+    connections belong to the event loop that opened them, which may be closed,
+    so ``await get_default_manager().adispose()`` before replacing it. A
+    disposed manager still works (it opens new connections).
     """
     global _default
     with _lock:
@@ -87,9 +97,11 @@ def setup_database_connection(
             async_session_class=async_session_class,
             **options,
         )
-        if _default is not None:
-            manager.stats = _default.stats
-        _default = manager
+        old, _default = _default, manager
+        if old is not None:
+            manager.stats = old.stats
+    if old is not None:
+        dispose_replaced(old)
     return manager
 
 
@@ -111,7 +123,8 @@ def configure_session(**fields: Unpack[ScopeOptions]) -> SessionConfig:
 
     Validates first: an invalid value raises ``ValueError``/``TypeError`` and
     changes nothing. Applies to the default manager now and after a later setup;
-    decorated functions pick it up at their next call.
+    decorated functions pick it up at their next call. The ``sessionscope``
+    logger's level is set only when ``log_level`` is passed.
     """
     global _config
     with _lock:
@@ -119,7 +132,8 @@ def configure_session(**fields: Unpack[ScopeOptions]) -> SessionConfig:
         _config = new
         if _default is not None:
             _default.configure(**fields)
-        _logger.setLevel(new.log_levelno)
+        if "log_level" in fields:
+            _logger.setLevel(new.log_levelno)
     return new
 
 

@@ -366,7 +366,8 @@ def pool_ran_dry(engine: Engine) -> bool:
 
 def pool_status(engine: Engine | None) -> dict[str, Any]:
     """Pool figures of ``engine``: size, checked_in, checked_out, overflow,
-    timeout and class; pools without a figure report only what they have."""
+    max_overflow, timeout and class; pools without a figure report only what
+    they have."""
     if engine is None:
         return {}
     pool = engine.pool
@@ -386,6 +387,11 @@ def pool_status(engine: Engine | None) -> dict[str, Any]:
     timeout = getattr(pool, "_timeout", None)
     if isinstance(timeout, (int, float)):
         status["timeout"] = timeout
+    # QueuePool's max_overflow (negative: unbounded); with size it gives the
+    # pool's capacity, which SQLAlchemy exposes no public accessor for.
+    max_overflow = getattr(pool, "_max_overflow", None)
+    if isinstance(max_overflow, int) and "size" in status:
+        status["max_overflow"] = max_overflow
     return status
 
 

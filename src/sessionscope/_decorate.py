@@ -132,6 +132,13 @@ def prepare(
     if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
         raise TypeError(f"the 'session' parameter of {name} cannot be *args/**kwargs")
     keyword_only = param.kind is param.KEYWORD_ONLY
+    try:
+        # Postponed annotations (strings) evaluated in the function's module: a
+        # framework that resolves the public signature's strings in the wrapper's
+        # module (FastAPI 0.121 does) then sees real types.
+        params = list(inspect.signature(func, eval_str=True).parameters.values())
+    except Exception:  # a forward reference not defined yet: keep the strings
+        pass
     public = signature.replace(parameters=[p for p in params if p.name != _SESSION_PARAM])
     return Injection(index, keyword_only, session_types), public, name
 

@@ -1,30 +1,86 @@
-"""Render a statistics snapshot as a plain-text table for people (the CLI)."""
+"""Render a statistics snapshot as terminal tables for people (the CLI only).
+
+Uses ``rich`` (the ``cli`` extra), imported when a report is rendered, so that
+``import sessionscope`` never imports it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["format_stats"]
+from ._extras import missing_extra
 
-_POOL_COLUMNS = (
-    ("pool_class", "pool"),
-    ("size", "size"),
-    ("checked_in", "checked in"),
-    ("checked_out", "checked out"),
-    ("overflow", "overflow"),
-    ("timeout", "timeout s"),
-)
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+
+__all__ = ["console", "format_stats", "pool_rows", "render_stats"]
 
 
-def format_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statistics") -> str:
+def console(**options: Any) -> Console:
+    """A ``rich`` console (``options`` as for ``rich.console.Console``); raises an
+    ``ImportError`` naming the ``cli`` extra when rich is not installed."""
+    try:
+        from rich.console import Console
+    except ImportError as err:
+        raise missing_extra("the sessionscope command", "cli", err) from err
+    return Console(**options)
+
+
+def pool_rows(pool: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """Per engine role: pool class, connections in use, idle, capacity and the
+    checkout timeout, as an operator reads them. Capacity is ``size +
+    max_overflow`` ("unbounded" for a negative max_overflow); SQLAlchemy's own
+    ``overflow`` figure (negative until the pool fills) is not shown."""
+    rows = []
+    for role, figures in pool.items():
+        size, extra = figures.get("size"), figures.get("max_overflow")
+        if isinstance(size, int) and isinstance(extra, int):
+            capacity = "unbounded" if extra < 0 else str(size + extra)
+        else:
+            capacity = "-"
+        rows.append(
+            (
+                str(role),
+                _cell(figures.get("pool_class")),
+                _cell(figures.get("checked_out")),
+                _cell(figures.get("checked_in")),
+                capacity,
+                _cell(figures.get("timeout")),
+            )
+        )
+    return rows
+
+
+def render_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statistics") -> Group:
     """The snapshot of ``get_session_stats()`` / ``SessionManager.get_stats()`` as
-    aligned text: counters, durations (milliseconds), per-function figures, read
-    routing per engine (when the manager has replicas) and pool status per engine
-    role. Missing keys show as ``-``, so a snapshot from an older or newer version
-    still renders."""
-    lines = [title, "=" * len(title), ""]
-    counters = [
+    ``rich`` tables: counters, durations (milliseconds), per-function figures, read
+    routing per engine (when the manager has replicas) and pools per engine role.
+    Missing keys show as ``-``, so a snapshot from another version still renders."""
+    try:
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+    except ImportError as err:
+        raise missing_extra("the sessionscope command", "cli", err) from err
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(
+            title=title,
+            title_justify="left",
+            title_style="bold",
+            box=box.SIMPLE_HEAD,
+            min_width=len(title) + 2,
+        )
+        for i, column in enumerate(columns):
+            # Names (first column) wrap in a narrow terminal instead of being cut.
+            t.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+        return t
+
+    counters = table("Transactions", "figure", "value")
+    for label, value in (
         ("sessions opened", stats.get("session_count")),
         ("active sessions", stats.get("active_sessions")),
         ("transactions", stats.get("total_transactions")),
@@ -39,76 +95,65 @@ def format_stats(stats: Mapping[str, Any], *, title: str = "sessionscope statist
         ("slow transactions", stats.get("slow_transactions")),
         ("long-held sessions", stats.get("long_held_sessions")),
         ("pool timeouts", stats.get("pool_timeouts")),
-    ]
-    lines += _table(("figure", "value"), [(k, _cell(v)) for k, v in counters])
+    ):
+        counters.add_row(label, _cell(value))
+    parts: list[Any] = [Text(title, style="bold underline"), counters]
     retry_errors = stats.get("retry_errors") or {}
     if retry_errors:
-        lines += ["", "Retried errors"]
-        lines += _table(("error", "retries"), [(k, str(v)) for k, v in retry_errors.items()])
-    lines += ["", "Transaction durations (ms)"]
-    lines += _table(
-        ("avg", "p95", "max"),
-        [tuple(_ms(stats.get(k)) for k in ("avg_duration", "p95_duration", "max_duration"))],
-    )
+        retried = table("Retried errors", "error", "retries")
+        for error, count in retry_errors.items():
+            retried.add_row(str(error), _cell(count))
+        parts.append(retried)
+    durations = table("Transaction durations (ms)", "avg", "p95", "max")
+    durations.columns[0].justify = "right"
+    keys = ("avg_duration", "p95_duration", "max_duration")
+    durations.add_row(*(_ms(stats.get(k)) for k in keys))
+    parts.append(durations)
     functions = stats.get("functions") or {}
     if functions:
-        lines += ["", "Decorated functions"]
-        lines += _table(
-            ("function", "calls", "failures", "avg ms", "max ms"),
-            [
-                (
-                    name,
-                    _cell(f.get("calls")),
-                    _cell(f.get("failures")),
-                    _ms(f.get("avg_duration")),
-                    _ms(f.get("max_duration")),
-                )
-                for name, f in functions.items()
-            ],
-        )
+        funcs = table("Decorated functions", "function", "calls", "failures", "avg ms", "max ms")
+        for name, f in functions.items():
+            funcs.add_row(
+                str(name),
+                _cell(f.get("calls")),
+                _cell(f.get("failures")),
+                _ms(f.get("avg_duration")),
+                _ms(f.get("max_duration")),
+            )
+        parts.append(funcs)
     routing = stats.get("routing")
     if isinstance(routing, Mapping) and routing.get("engines"):
-        lines += ["", "Read routing"]
-        lines += _table(
-            ("engine", "role", "reads", "healthy", "connect failures"),
-            [
-                (
-                    name,
-                    _cell(e.get("role")),
-                    _cell(e.get("reads")),
-                    _cell(e.get("healthy")),
-                    _cell(e.get("connect_failures")),
-                )
-                for name, e in routing["engines"].items()
-            ],
-        )
+        routes = table("Read routing", "engine", "role", "reads", "healthy", "connect failures")
+        for name, e in routing["engines"].items():
+            routes.add_row(
+                str(name),
+                _cell(e.get("role")),
+                _cell(e.get("reads")),
+                _cell(e.get("healthy")),
+                _cell(e.get("connect_failures")),
+            )
+        parts.append(routes)
     pool = stats.get("pool") or {}
-    lines += ["", "Connection pools"]
     if pool:
-        lines += _table(
-            ("engine", *(label for _, label in _POOL_COLUMNS)),
-            [
-                (role, *(_cell(figures.get(key)) for key, _ in _POOL_COLUMNS))
-                for role, figures in pool.items()
-            ],
+        pools = table(
+            "Connection pools", "engine", "pool", "in use", "idle", "capacity", "timeout s"
         )
+        for row in pool_rows(pool):
+            pools.add_row(*row)
+        parts.append(pools)
     else:
-        lines.append("  (no engine created yet)")
-    return "\n".join(lines) + "\n"
+        parts.append(Text("Connection pools: no engine created yet"))
+    return Group(*parts)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=False)]
-
-    def line(cells: Sequence[str]) -> str:
-        # First column left-aligned (names), the others right-aligned (numbers).
-        parts = [cells[0].ljust(widths[0])]
-        parts += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=False)]
-        return "  " + "  ".join(parts).rstrip()
-
-    return [line(headers), "  " + "  ".join("-" * w for w in widths), *map(line, rows)]
+def format_stats(
+    stats: Mapping[str, Any], *, title: str = "sessionscope statistics", width: int = 100
+) -> str:
+    """:func:`render_stats` as plain text (no colour), ``width`` columns wide."""
+    buffer = io.StringIO()
+    out = console(file=buffer, width=width, color_system=None, highlight=False)
+    out.print(render_stats(stats, title=title))
+    return buffer.getvalue()
 
 
 def _cell(value: Any) -> str:

@@ -49,8 +49,6 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-import anyio.to_thread
-from fastapi import Depends, params
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
@@ -59,8 +57,23 @@ from typing_extensions import Unpack
 from . import _core
 from ._api import get_default_manager
 from ._config import SessionConfig
+from ._extras import missing_extra
 from ._manager import SessionManager
 from ._types import AS, S, ScopeOptions
+
+try:
+    import anyio.to_thread
+    import fastapi
+    from fastapi import Depends, params
+except ImportError as err:
+    raise missing_extra("sessionscope.fastapi", "fastapi", err) from err
+
+if "scope" not in inspect.signature(Depends).parameters:
+    # Without it the request's scope would end after the response is sent.
+    raise ImportError(
+        f"sessionscope.fastapi needs FastAPI >= 0.121 (Depends(scope=...)), found "
+        f"{fastapi.__version__}: pip install -U 'sessionscope[fastapi]'"
+    )
 
 __all__ = [
     "AsyncSessionDep",

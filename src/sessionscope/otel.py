@@ -51,14 +51,19 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
 from ._backend import driver_error_code
+from ._extras import missing_extra
 from ._manager import SessionManager
+
+try:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+except ImportError as err:
+    raise missing_extra("sessionscope.otel", "otel", err) from err
 from ._stats import DURATION_BUCKETS
 
 __all__ = ["Instrumentation", "instrument"]

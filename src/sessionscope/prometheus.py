@@ -28,16 +28,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-    SummaryMetricFamily,
-)
-from prometheus_client.registry import REGISTRY, CollectorRegistry
-
+from ._extras import missing_extra
 from ._manager import SessionManager
+
+try:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+        SummaryMetricFamily,
+    )
+    from prometheus_client.registry import REGISTRY, CollectorRegistry
+except ImportError as err:
+    raise missing_extra("sessionscope.prometheus", "prometheus", err) from err
 from ._stats import DURATION_BUCKETS
 
 __all__ = ["SessionScopeCollector", "register"]

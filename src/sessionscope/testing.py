@@ -27,6 +27,20 @@ Fixtures:
 - ``sessionscope_async_transaction``: binds the async side; yields the
   ``AsyncConnection`` (needs pytest-asyncio). At teardown it also disposes the
   async engine's pool, whose connections belong to the test's event loop.
+- ``session``: a ``Session`` inside ``sessionscope_transaction``, for arranging
+  and checking data in the test itself; ``async_session``: an ``AsyncSession``
+  inside ``sessionscope_async_transaction``. Both run in the test's transaction:
+  what they ``flush()`` (or ``commit()``, which releases their savepoint) is
+  seen by the code under test, and everything is rolled back after the test.
+
+Async fixtures and tests need pytest-asyncio: mark async tests with
+``@pytest.mark.asyncio`` or set ``asyncio_mode = "auto"`` in the pytest
+configuration (in strict mode, the default, an unmarked async test is skipped
+with a warning).
+
+Dispose the manager's pools when the test session ends, in the ``conftest.py``
+that set the database up: ``manager.dispose()`` (``await manager.adispose()``
+for the async engine inside its event loop).
 
 Limits, all from sharing one connection: run no concurrent scopes in one test
 (no ``asyncio.gather`` of database work); ``requires_new`` work is not
@@ -44,12 +58,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 
 from ._api import get_default_manager
 from ._manager import SessionManager
 
 __all__ = [
+    "async_session",
+    "session",
     "sessionscope_async_transaction",
     "sessionscope_manager",
     "sessionscope_transaction",
@@ -79,6 +96,15 @@ def sessionscope_transaction(sessionscope_manager: SessionManager) -> Iterator[C
                 transaction.rollback()
 
 
+@pytest.fixture
+def session(
+    sessionscope_manager: SessionManager, sessionscope_transaction: Connection
+) -> Iterator[Session]:
+    """A ``Session`` in the test's rolled-back transaction (see the module doc)."""
+    with sessionscope_manager.session_factory() as session:
+        yield session
+
+
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - the async fixture needs pytest-asyncio
@@ -103,3 +129,11 @@ else:
         finally:
             # Pooled async connections belong to this test's event loop.
             await manager.async_engine.dispose()
+
+    @pytest_asyncio.fixture
+    async def async_session(
+        sessionscope_manager: SessionManager, sessionscope_async_transaction: AsyncConnection
+    ) -> AsyncIterator[AsyncSession]:
+        """An ``AsyncSession`` in the test's rolled-back transaction."""
+        async with sessionscope_manager.async_session_factory() as session:
+            yield session

@@ -3,10 +3,11 @@
 :class:`StreamingReplica` makes a hot standby of the running test server with
 ``pg_basebackup -R`` (run as the ``postgres`` system user when we are root),
 starts it on a free loopback port with its socket in its own directory, waits
-until it streams, and removes it afterwards. :func:`allow_replication` makes
+until it streams, and removes it afterwards. :func:`replication_allowed` makes
 sure the primary accepts loopback replication connections: if it does not, it
 appends one ``pg_hba.conf`` line (``host replication postgres 127.0.0.1/32
-trust``) once and reloads the server.
+trust``) and reloads the server, and puts the file back as it was (and reloads)
+when the tests are done, whether they passed or not.
 
 Nothing here is a mock: the standby is a real ``postgres`` process replaying the
 primary's WAL, so replica lag, ``pg_wal_replay_pause()`` and
@@ -22,12 +23,22 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-__all__ = ["HBA_LINE", "ReplicaSetupError", "StreamingReplica", "allow_replication", "pg_bin"]
+__all__ = [
+    "HBA_LINE",
+    "ReplicaSetupError",
+    "StreamingReplica",
+    "free_port",
+    "pg_bin",
+    "replication_accepted",
+    "replication_allowed",
+]
 
 HBA_LINE = "host replication postgres 127.0.0.1/32 trust"
 _HBA_COMMENT = "# sessionscope tests: loopback streaming replicas (tests/replica)"
@@ -65,7 +76,7 @@ def _conninfo(host: str, port: int, dbname: str, **extra: str) -> str:
     return " ".join(parts)
 
 
-def _replication_allowed(host: str, port: int) -> bool:
+def replication_accepted(host: str, port: int) -> bool:
     try:
         with psycopg.connect(
             _conninfo(host, port, "postgres", replication="true"), autocommit=True
@@ -77,40 +88,51 @@ def _replication_allowed(host: str, port: int) -> bool:
         raise
 
 
-def allow_replication(host: str, port: int) -> bool:
-    """Make the primary accept loopback replication connections for ``postgres``.
+@contextmanager
+def replication_allowed(host: str, port: int) -> Iterator[bool]:
+    """Make the primary accept loopback replication connections for ``postgres``
+    for the duration of the ``with`` block.
 
-    Returns True when ``pg_hba.conf`` had to be changed (and was reloaded). The
-    change is one line, added once: running again finds it and changes nothing.
+    Yields True when ``pg_hba.conf`` had to be changed: then one line was added
+    and the server reloaded, and on leaving the block (also when it raises) the
+    file gets its original content back and the server is reloaded again.
     """
-    if _replication_allowed(host, port):
-        return False
+    if replication_accepted(host, port):
+        yield False
+        return
     with psycopg.connect(_conninfo(host, port, "postgres"), autocommit=True) as conn:
         row = conn.execute("SHOW hba_file").fetchone()
         assert row is not None
         hba = Path(row[0])
-        try:
-            text = hba.read_text()
-            if HBA_LINE not in text.splitlines():
-                with hba.open("a") as fh:
-                    fh.write(
-                        ("" if text.endswith("\n") else "\n") + f"{_HBA_COMMENT}\n{HBA_LINE}\n"
-                    )
-        except OSError as err:
-            raise ReplicaSetupError(
-                f"the primary refuses replication connections and {hba} is not writable "
-                f"here ({err}); add '{HBA_LINE}' to it and reload the server"
-            ) from err
+    try:
+        original = hba.read_bytes()
+        text = original.decode()
+        separator = "" if text.endswith("\n") or not text else "\n"
+        hba.write_text(f"{text}{separator}{_HBA_COMMENT}\n{HBA_LINE}\n")
+    except OSError as err:
+        raise ReplicaSetupError(
+            f"the primary refuses replication connections and {hba} is not writable "
+            f"here ({err}); add '{HBA_LINE}' to it and reload the server"
+        ) from err
+    try:
+        _reload(host, port)
+        deadline = time.monotonic() + 10
+        while not replication_accepted(host, port):
+            if time.monotonic() > deadline:
+                raise ReplicaSetupError(f"added '{HBA_LINE}' to {hba}, but the reload did not take")
+            time.sleep(0.1)
+        yield True
+    finally:
+        hba.write_bytes(original)
+        _reload(host, port)
+
+
+def _reload(host: str, port: int) -> None:
+    with psycopg.connect(_conninfo(host, port, "postgres"), autocommit=True) as conn:
         conn.execute("SELECT pg_reload_conf()")
-    deadline = time.monotonic() + 10
-    while not _replication_allowed(host, port):
-        if time.monotonic() > deadline:
-            raise ReplicaSetupError(f"added '{HBA_LINE}' to {hba}, but the reload did not take")
-        time.sleep(0.1)
-    return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -123,7 +145,7 @@ class StreamingReplica:
         self.name = name
         self.bindir = bindir
         self.primary = (primary_host, primary_port)
-        self.port = _free_port()
+        self.port = free_port()
         self.base = Path(tempfile.mkdtemp(prefix=f"sessionscope-{name}-"))
         self.datadir = self.base / "data"
         self.log = self.base / "postgres.log"
