@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from sessionscope import NodeUnavailableError, SessionConfig, SessionManager
+from sessionscope import NodeUnavailableError, SessionConfig, SessionManager, _backend
 
 from .conftest import require_server, reset_schema
 from .faults import Server
@@ -214,10 +214,12 @@ def test_the_cockroachdb_dialect_gets_the_postgresql_scope_settings() -> None:
     try:
         engine = manager.engine
         assert engine.dialect.name == "cockroachdb"
-        cfg = manager.config.merged({"timeout": 1.5, "read_only": True})
-        kw = manager._options_kw(cfg, engine, False)
-        assert kw["_statements"] == ["SET LOCAL statement_timeout = 1500"]
-        assert kw["bind"].get_execution_options()["postgresql_readonly"] is True
+        statements = _backend.begin_statements(
+            engine, timeout=1.5, read_only=True, causal_reads=False
+        )
+        assert statements == ["SET LOCAL statement_timeout = 1500"]
+        options = _backend.execution_options(engine, isolation_level=None, read_only=True)
+        assert options == {"postgresql_readonly": True}
     finally:
         manager.dispose()
 

@@ -19,6 +19,7 @@ PyMySQL/aiomysql ``OperationalError`` 2003):
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from sessionscope import SessionManager
 from .conftest import IN_CI, backend_url, require_server, reset_schema
 from .integrity_state import assert_clean
 from .models import User
-from .replica import ReplicaSetupError, StreamingReplica, allow_replication, pg_bin
+from .replica import ReplicaSetupError, StreamingReplica, pg_bin, replication_allowed
 
 NAMES = "SELECT name FROM ss_users"
 
@@ -153,8 +154,9 @@ def standby() -> Iterator[tuple[str, StreamingReplica]]:
         engine.dispose()
     host, port = parsed.host or "127.0.0.1", parsed.port or 5432
     replica = StreamingReplica("standby", bindir, host, port)
+    hba = contextlib.ExitStack()
     try:
-        allow_replication(host, port)
+        hba.enter_context(replication_allowed(host, port))
         replica.create()
         replica.start()
         replica.wait_streaming()
@@ -163,6 +165,7 @@ def standby() -> Iterator[tuple[str, StreamingReplica]]:
         pytest.fail(str(err))
     finally:
         replica.destroy()
+        hba.close()  # pg_hba.conf as it was, also after a failure
 
 
 def _where(conn: Any) -> tuple[bool, set[str]]:

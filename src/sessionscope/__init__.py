@@ -54,8 +54,7 @@ from ._types import (
     SessionMethod,
     SessionStats,
 )
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from .fastapi import get_db

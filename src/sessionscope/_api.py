@@ -118,6 +118,17 @@ def get_default_manager() -> SessionManager:
     return manager
 
 
+def default_manager_or_none() -> SessionManager[Any, Any] | None:
+    """The default manager if it is set up, else None (exporters that follow
+    whatever manager is the default at each collection)."""
+    return _default
+
+
+def _default_host() -> _core.ScopeHost:
+    # Looked up at each call: a decorated function may be defined before setup.
+    return get_default_manager().scope_host
+
+
 def configure_session(**fields: Unpack[ScopeOptions]) -> SessionConfig:
     """Set global configuration (see :class:`SessionConfig` for the fields).
 
@@ -182,8 +193,8 @@ def with_session(
     """
     if func is None:
         validate_overrides(overrides)
-        return lambda f: decorate_sync(f, overrides, get_default_manager)
-    return decorate_sync(func, {}, get_default_manager)
+        return lambda f: decorate_sync(f, overrides, _default_host)
+    return decorate_sync(func, {}, _default_host)
 
 
 @overload
@@ -207,8 +218,8 @@ def async_with_session(
     decorated function returns a coroutine (``Coroutine[Any, Any, T]``)."""
     if func is None:
         validate_overrides(overrides)
-        return lambda f: decorate_async(f, overrides, get_default_manager)
-    return decorate_async(func, {}, get_default_manager)
+        return lambda f: decorate_async(f, overrides, _default_host)
+    return decorate_async(func, {}, _default_host)
 
 
 @overload

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ._config import SessionConfig
-    from ._manager import SessionManager
 
 __all__ = ["AsyncScope", "acall_with_retry", "decorate_async"]
 
@@ -63,7 +62,7 @@ class AsyncScope:
 
     def __init__(
         self,
-        manager: SessionManager | None,
+        manager: _core.ScopeHost | None,
         cfg: SessionConfig,
         explicit: AsyncSession | None = None,
         function: str | None = None,
@@ -93,7 +92,7 @@ class AsyncScope:
             cfg,
             key,
             outer,
-            manager._open_async if manager is not None else _not_set_up,
+            manager.open_async if manager is not None else _not_set_up,
             manager.stats if cfg.enable_monitoring and manager is not None else None,
             self._function,
             explicit,
@@ -145,7 +144,7 @@ class AsyncScope:
         if error is None:
             return
         if isinstance(error, sa_exc.TimeoutError) and self._manager is not None:
-            raise self._manager._pool_exhausted(error) from error
+            raise self._manager.pool_exhausted(error) from error
         if error is not exc:
             raise error
 
@@ -185,7 +184,7 @@ def _log_cleanup_error(err: BaseException | None) -> None:
 
 
 async def acall_with_retry(
-    manager: SessionManager | None,
+    manager: _core.ScopeHost | None,
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], Awaitable[T]],
@@ -211,7 +210,7 @@ async def acall_with_retry(
 def decorate_async(
     func: Callable[..., Awaitable[T]],
     overrides: Mapping[str, Any],
-    get_manager: Callable[[], SessionManager],
+    get_manager: Callable[[], _core.ScopeHost],
 ) -> Callable[..., Awaitable[T]]:
     """Async twin of :func:`._sync.decorate_sync`."""
     injection, signature, name = prepare(
@@ -224,7 +223,7 @@ def decorate_async(
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         explicit = injection.explicit(args, kwargs)
         manager = scope_manager(get_manager, explicit is not None)
-        cfg = manager._resolve(key, overrides) if manager is not None else detached
+        cfg = manager.resolve(key, overrides) if manager is not None else detached
 
         async def once() -> T:
             async with AsyncScope(manager, cfg, explicit, name) as session:

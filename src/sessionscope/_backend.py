@@ -18,7 +18,6 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
-from ._config import is_autocommit
 from ._errors import ReadOnlyError
 
 __all__ = [
@@ -29,8 +28,10 @@ __all__ = [
     "begin_statements",
     "default_url",
     "driver_error_code",
+    "execution_options",
     "guard_read_only",
     "is_async_url",
+    "is_autocommit",
     "mysql_errno",
     "pool_ran_dry",
     "pool_status",
@@ -165,6 +166,40 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
+
+
+_READ_ONLY_OPTION: Final = {
+    "postgresql": "postgresql_readonly",
+    "cockroachdb": "postgresql_readonly",
+}
+"""Dialects whose read-only transactions are an execution option (``BEGIN READ
+ONLY``); the others use a statement (:func:`begin_statements`) or have none."""
+
+
+def is_autocommit(isolation_level: object) -> bool:
+    """Whether ``isolation_level`` names autocommit mode, spelled as SQLAlchemy
+    accepts it (any case)."""
+    return (
+        isinstance(isolation_level, str)
+        and isolation_level.replace("_", " ").upper() == "AUTOCOMMIT"
+    )
+
+
+
+def execution_options(
+    engine: Engine, *, isolation_level: str | None, read_only: bool
+) -> dict[str, Any]:
+    """Execution options for a scope's transaction settings on ``engine``:
+    isolation level (SQLAlchemy reverts it when the connection is returned) and,
+    where the dialect has one, the read-only transaction option."""
+    options: dict[str, Any] = {}
+    if isolation_level is not None:
+        options["isolation_level"] = isolation_level
+    if read_only:
+        option = _READ_ONLY_OPTION.get(engine.dialect.name)
+        if option is not None:
+            options[option] = True
+    return options
 
 
 def begin_statements(

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
+from ._backend import is_autocommit
 from ._policy import PROPAGATIONS, Propagation
 
 __all__ = [
@@ -15,7 +16,6 @@ __all__ = [
     "ChildTasks",
     "Propagation",
     "SessionConfig",
-    "is_autocommit",
     "validate_overrides",
 ]
 
@@ -195,15 +195,6 @@ def validate_overrides(overrides: Mapping[str, Any]) -> None:
             f"unknown session option(s): {', '.join(sorted(unknown))}; "
             f"valid options are {', '.join(sorted(_FIELDS))}"
         )
-
-
-def is_autocommit(isolation_level: object) -> bool:
-    """Whether ``isolation_level`` names autocommit mode, spelled as SQLAlchemy
-    accepts it (any case)."""
-    return (
-        isinstance(isolation_level, str)
-        and isolation_level.replace("_", " ").upper() == "AUTOCOMMIT"
-    )
 
 
 def _check_seconds(name: str, value: object, *, optional: bool) -> None:

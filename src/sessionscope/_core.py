@@ -41,11 +41,11 @@ import sys
 import time
 from asyncio import current_task, isfuture
 from asyncio.events import _get_running_loop
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from threading import get_ident
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -66,6 +66,8 @@ from ._retry import describe, is_disconnect, retry_delay_for
 if TYPE_CHECKING:
     from contextvars import Token
 
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from ._config import SessionConfig
     from ._stats import Stats
 
@@ -73,6 +75,7 @@ __all__ = [
     "Boundary",
     "Frame",
     "FrameState",
+    "ScopeHost",
     "Veto",
     "abort_frame",
     "begin_savepoint",
@@ -105,6 +108,33 @@ Callback = Callable[[], Any]
 # Reading an enum member through its class is an attribute lookup on every use;
 # the per-scope paths compare against these module constants instead.
 _NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT
+
+
+class ScopeHost(Protocol):
+    """What the scope machinery needs of a manager: where new sessions come
+    from, the resolved configuration of a scope's options, its counters, and
+    the error for an exhausted pool. Frames of one host relate to each other;
+    frames of different hosts (databases) never do."""
+
+    stats: Stats
+
+    def open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
+        """A new ``Session`` for a scope with ``cfg`` (twice: core and front)."""
+        ...
+
+    def open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
+        """A new ``AsyncSession`` for a scope with ``cfg``, and its sync session."""
+        ...
+
+    def resolve(
+        self, key: tuple[tuple[str, type, Any], ...] | None, overrides: Mapping[str, Any]
+    ) -> SessionConfig:
+        """The configuration with ``overrides`` applied (cached by ``key``)."""
+        ...
+
+    def pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
+        """The user-facing error for a pool checkout timeout."""
+        ...
 
 
 class FrameState(enum.Enum):

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Unpack
@@ -30,6 +28,7 @@ from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
 from ._routing import Router
+from ._source import SessionSource
 from ._stats import Stats
 from ._sync import SyncScope, call_with_retry, decorate_sync
 from ._types import (
@@ -55,6 +54,20 @@ O = TypeVar("O")  # noqa: E741 - the owner (self / cls / first argument) of a me
 _CACHE_LIMIT = 256
 
 _logger = logging.getLogger("sessionscope")
+
+
+class _Host:
+    """What the scope machinery needs of a manager (``_core.ScopeHost``): its
+    bound methods, so that a scope pays no extra call for the indirection."""
+
+    __slots__ = ("open_async", "open_sync", "pool_exhausted", "resolve", "stats")
+
+    def __init__(self, manager: SessionManager[Any, Any]) -> None:
+        self.open_sync = manager._open_sync
+        self.open_async = manager._open_async
+        self.resolve = manager._resolve
+        self.pool_exhausted = manager._pool_exhausted
+        self.stats = manager.stats
 
 
 class SessionManager(Generic[S_co, AS_co]):
@@ -149,38 +162,31 @@ class SessionManager(Generic[S_co, AS_co]):
                 # uses it as given, the sync side the matching sync driver.
                 async_url = given
             self._url = _backend.sync_url_for(given)
-        self._async_url = async_url
         _backend.refuse_autocommit(engine, async_engine, engine_options)
-        self._engine = engine
-        self._async_engine = async_engine
-        self._engine_options = dict(engine_options)
-        self._session_options = dict(session_options or {})
-        self._session_class = session_class
-        self._async_session_class = async_session_class
-        self._lock = threading.Lock()
-        self._tracked: dict[type[Session], type[Session]] = {}
-        self._sync_factory: sessionmaker[Session] | None = None
-        self._async_factory: async_sessionmaker[AsyncSession] | None = None
-        self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
         self._config = config if config is not None else SessionConfig()
+        options = dict(session_options or {})
         # expire_on_commit lives in the config (overridable per scope); a value
         # given in session_options is the manager's default for it.
-        if "expire_on_commit" in self._session_options:
+        if "expire_on_commit" in options:
             self._config = self._config.merged(
-                {"expire_on_commit": bool(self._session_options["expire_on_commit"])}
+                {"expire_on_commit": bool(options["expire_on_commit"])}
             )
-        self._session_options["expire_on_commit"] = self._config.expire_on_commit
+        options["expire_on_commit"] = self._config.expire_on_commit
+        self._source = source = SessionSource(
+            self._url,
+            async_url,
+            engine,
+            async_engine,
+            engine_options,
+            options,
+            session_class,
+            async_session_class,
+            _core.install_session_events,
+        )
+        self._expire_default = self._config.expire_on_commit
         self._resolved: dict[tuple[tuple[str, type, Any], ...], SessionConfig] = {}
-        self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.stats = Stats()
-        # Called with (role, engine) when an engine is created (exporters attach
-        # their engine events here); see engines_by_role() for existing ones.
-        self._engine_hooks: list[Callable[[str, Engine], None]] = []
+        self._stats = Stats()
         self.name = name or _backend.safe_url(self.url)
-        if engine is not None:
-            _backend.apply_sqlite_savepoint_recipe(engine)
-        if async_engine is not None:
-            _backend.apply_sqlite_savepoint_recipe(async_engine.sync_engine)
         self._cluster: Cluster | None = None
         self._node_factories: dict[tuple[Any, bool], Any] = {}
         if primaries is not None or async_primaries is not None:
@@ -189,23 +195,26 @@ class SessionManager(Generic[S_co, AS_co]):
                 async_primaries,
                 policy=primary_selection,
                 cooldown=primary_cooldown,
-                engine_options=self._engine_options,
+                engine_options=source.engine_options,
                 first_engine=lambda is_async: self.async_engine if is_async else self.engine,
-                engine_created=self._engine_created,
+                engine_created=source.engine_created,
                 log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
             )
-            self._engine_hooks.append(self._cluster.on_engine_created)
+            source.add_engine_hook(self._cluster.on_engine_created)
         self._router: Router | None = None
         if replicas is not None or async_replicas is not None:
             self._router = Router(
-                self,
+                source,
                 replicas,
                 async_replicas,
                 selection=replica_selection,
                 read_your_writes=read_your_writes,
                 cooldown=replica_cooldown,
-                engine_options=self._engine_options,
+                write_engine=self._write_engine,
+                name=self.name,
+                log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
             )
+        self._host = _Host(self)
 
     def __repr__(self) -> str:
         return f"SessionManager({self.name!r})"
@@ -215,94 +224,56 @@ class SessionManager(Generic[S_co, AS_co]):
     @property
     def url(self) -> URL:
         """The sync database URL (render it with ``hide_password`` when logging)."""
-        if self._engine is not None:
-            return self._engine.url
-        assert self._url is not None
-        return self._url
+        return self._source.url
 
     @property
     def async_url(self) -> URL:
         """The async URL: as given, or derived from :attr:`url`."""
-        if self._async_engine is not None:
-            return self._async_engine.url
-        if self._async_url is not None:
-            return make_url(self._async_url)
-        return _backend.async_url_for(self.url)
+        return self._source.async_url
 
     @property
     def engine(self) -> Engine:
         """The sync engine, created on first use."""
-        engine = self._engine
-        if engine is None:
-            with self._lock:
-                engine = self._engine
-                if engine is None:
-                    engine = create_engine(self.url, **self._engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine)
-                    self._engine_created("sync", engine)
-                    self._engine = engine
-        return engine
+        return self._source.engine
 
     @property
     def async_engine(self) -> AsyncEngine:
         """The async engine, created on first use."""
-        engine = self._async_engine
-        if engine is None:
-            with self._lock:
-                engine = self._async_engine
-                if engine is None:
-                    engine = create_async_engine(self.async_url, **self._engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine.sync_engine)
-                    self._engine_created("async", engine.sync_engine)
-                    self._async_engine = engine
-        return engine
+        return self._source.async_engine
 
     @property
     def session_factory(self) -> sessionmaker[Session]:
         """The ``sessionmaker`` behind sync scopes."""
-        factory = self._sync_factory
-        if factory is None:
-            factory = self._sync_factory = sessionmaker(self.engine, **self._factory_kw(False))
-        return factory
+        return self._source.session_factory
 
     @property
     def async_session_factory(self) -> async_sessionmaker[AsyncSession]:
         """The ``async_sessionmaker`` behind async scopes."""
-        factory = self._async_factory
-        if factory is None:
-            factory = self._async_factory = async_sessionmaker(
-                self.async_engine, **self._factory_kw(True)
-            )
-        return factory
+        return self._source.async_session_factory
 
-    def _factory_kw(self, is_async: bool) -> dict[str, Any]:
-        kw = dict(self._session_options)
-        if is_async:
-            front = self._async_session_class or AsyncSession
-            kw["class_"] = front
-            kw["sync_session_class"] = self._tracked_class(
-                self._session_class or front.sync_session_class
-            )
-        else:
-            kw["class_"] = self._tracked_class(self._session_class or Session)
-        return kw
+    @property
+    def stats(self) -> Stats:
+        """The counters of this manager (read them with :meth:`get_stats`)."""
+        return self._stats
 
-    def _tracked_class(self, base: type[Session]) -> type[Session]:
-        """A subclass of ``base`` of this manager's own, whose sessions report the
-        COMMITs and ROLLBACKs their scope bodies issue to the transaction core. A
-        class-level listener costs nothing per session, and other sessions of
-        ``base`` are not affected."""
-        tracked = self._tracked.get(base)
-        if tracked is None:
-            with self._lock:
-                tracked = self._tracked.get(base)
-                if tracked is None:
-                    tracked = type(base.__name__, (base,), {"__module__": base.__module__})
-                    _core.install_session_events(tracked)
-                    self._tracked[base] = tracked
-        return tracked
+    @stats.setter
+    def stats(self, stats: Stats) -> None:
+        # setup_database_connection() hands the counters on to a new default manager.
+        self._stats = stats
+        self._host.stats = stats
+
+    def add_engine_hook(self, hook: Callable[[str, Engine], None]) -> None:
+        """Call ``hook(role, engine)`` for every engine this manager creates from
+        now on (roles as in :meth:`engines_by_role`; an async engine is passed as
+        its ``sync_engine``): where exporters attach their engine events."""
+        self._source.add_engine_hook(hook)
+
+    def remove_engine_hook(self, hook: Callable[[str, Engine], None]) -> None:
+        """Stop calling ``hook`` (see :meth:`add_engine_hook`)."""
+        self._source.remove_engine_hook(hook)
 
     def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
+        source = self._source
         if self._cluster is not None and self._on_cluster(cfg, False):
             session = self._open_on_node(cfg, False)
         elif (
@@ -310,16 +281,17 @@ class SessionManager(Generic[S_co, AS_co]):
             and not cfg.read_only
             and cfg.timeout is None
             and not cfg.causal_reads
-            and cfg.expire_on_commit is self._session_options["expire_on_commit"]
+            and cfg.expire_on_commit is self._expire_default
         ):
-            session = self.session_factory()
-        elif cfg.read_only and self._router is not None and False not in self._bound:
+            session = source.session_factory()
+        elif cfg.read_only and self._router is not None and not source.is_bound(False):
             session = self._router.open_sync(cfg)
         else:
-            session = self._open_with_options(cfg, self.session_factory, self.engine, False)
+            session = source.open_with_options(cfg, source.session_factory, source.engine, False)
         return session, session
 
     def _open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
+        source = self._source
         if self._cluster is not None and self._on_cluster(cfg, True):
             front = self._open_on_node(cfg, True)
         elif (
@@ -327,20 +299,22 @@ class SessionManager(Generic[S_co, AS_co]):
             and not cfg.read_only
             and cfg.timeout is None
             and not cfg.causal_reads
-            and cfg.expire_on_commit is self._session_options["expire_on_commit"]
+            and cfg.expire_on_commit is self._expire_default
         ):
-            front = self.async_session_factory()
-        elif cfg.read_only and self._router is not None and True not in self._bound:
+            front = source.async_session_factory()
+        elif cfg.read_only and self._router is not None and not source.is_bound(True):
             front = self._router.open_async(cfg)
         else:
-            front = self._open_with_options(
-                cfg, self.async_session_factory, self.async_engine, True
+            front = source.open_with_options(
+                cfg, source.async_session_factory, source.async_engine, True
             )
         return front.sync_session, front
 
     def _on_cluster(self, cfg: SessionConfig, is_async: bool) -> bool:
         # Bound sessions use the bound connection; routed reads the router.
-        return is_async not in self._bound and not (cfg.read_only and self._router is not None)
+        return not self._source.is_bound(is_async) and not (
+            cfg.read_only and self._router is not None
+        )
 
     def _open_on_node(self, cfg: SessionConfig, is_async: bool) -> Any:
         """A new session on the node the cluster picks (``primaries=``)."""
@@ -348,10 +322,10 @@ class SessionManager(Generic[S_co, AS_co]):
         engine = self._cluster.engine(self._cluster.pick(cfg.enable_monitoring), is_async)
         factory = self._node_factories.get((engine, is_async))
         if factory is None:
-            kw = self._factory_kw(is_async)
+            kw = self._source.factory_kw(is_async)
             maker: Any = async_sessionmaker if is_async else sessionmaker
             factory = self._node_factories[(engine, is_async)] = maker(engine, **kw)
-        return self._open_with_options(cfg, factory, engine, is_async)
+        return self._source.open_with_options(cfg, factory, engine, is_async)
 
     def _write_engine(self, is_async: bool) -> Any:
         """The engine new write sessions use now: the cluster's pick, or the
@@ -359,62 +333,6 @@ class SessionManager(Generic[S_co, AS_co]):
         if self._cluster is None:
             return self.async_engine if is_async else self.engine
         return self._cluster.engine(self._cluster.pick(False), is_async)
-
-    def _open_with_options(
-        self, cfg: SessionConfig, factory: Callable[..., Any], engine: Any, is_async: bool
-    ) -> Any:
-        if is_async in self._bound:
-            # Bound sessions share a transaction that is already open (bound_to()):
-            # per-transaction server settings cannot apply; the ORM guard still can.
-            session = factory(expire_on_commit=cfg.expire_on_commit)
-            if cfg.read_only:
-                _backend.guard_read_only(session.sync_session if is_async else session)
-            return session
-        kw = self._options_kw(cfg, engine, is_async)
-        statements = kw["_statements"]
-        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
-        sync_session = session.sync_session if is_async else session
-        if statements:
-            _backend.install_begin_statements(sync_session, statements)
-        if cfg.read_only:
-            _backend.guard_read_only(sync_session)
-        return session
-
-    def _options_kw(self, cfg: SessionConfig, engine: Any, is_async: bool) -> dict[str, Any]:
-        """Session keywords for a scope's settings on ``engine`` (cached): ``bind``
-        (an option engine, when the settings need one) and ``_statements``."""
-        sync_engine: Engine = engine.sync_engine if is_async else engine
-        cache_key = (
-            sync_engine,
-            is_async,
-            cfg.isolation_level,
-            cfg.read_only,
-            cfg.expire_on_commit,
-            cfg.timeout,
-            cfg.causal_reads,
-        )
-        kw = self._session_kw.get(cache_key)
-        if kw is None:
-            options: dict[str, Any] = {}
-            if cfg.isolation_level is not None:
-                options["isolation_level"] = cfg.isolation_level
-            if cfg.read_only and sync_engine.dialect.name in ("postgresql", "cockroachdb"):
-                options["postgresql_readonly"] = True
-            kw = {"expire_on_commit": cfg.expire_on_commit}
-            if options:
-                # An option engine shares the pool; SQLAlchemy reverts the isolation
-                # level when the connection is returned, so nothing leaks.
-                kw["bind"] = engine.execution_options(**options)
-            statements = _backend.begin_statements(
-                sync_engine,
-                timeout=cfg.timeout,
-                read_only=cfg.read_only,
-                causal_reads=cfg.causal_reads,
-            )
-            kw["_statements"] = statements
-            if len(self._session_kw) < _CACHE_LIMIT:
-                self._session_kw[cache_key] = kw
-        return kw
 
     # -- configuration ---------------------------------------------------------
 
@@ -456,8 +374,8 @@ class SessionManager(Generic[S_co, AS_co]):
         class) in a transaction scope."""
         # The scope opens sessions of this manager's class: its static type says so.
         if not overrides:
-            return cast("AbstractContextManager[S_co, None]", SyncScope(self, self._config))
-        scope = SyncScope(self, self._resolve(options_key(overrides), overrides))
+            return cast("AbstractContextManager[S_co, None]", SyncScope(self._host, self._config))
+        scope = SyncScope(self._host, self._resolve(options_key(overrides), overrides))
         return cast("AbstractContextManager[S_co, None]", scope)
 
     def async_session_scope(
@@ -466,8 +384,10 @@ class SessionManager(Generic[S_co, AS_co]):
         """An async context manager yielding an ``AsyncSession`` (of this manager's
         async session class) in a transaction scope."""
         if not overrides:
-            return cast("AbstractAsyncContextManager[AS_co, None]", AsyncScope(self, self._config))
-        scope = AsyncScope(self, self._resolve(options_key(overrides), overrides))
+            return cast(
+                "AbstractAsyncContextManager[AS_co, None]", AsyncScope(self._host, self._config)
+            )
+        scope = AsyncScope(self._host, self._resolve(options_key(overrides), overrides))
         return cast("AbstractAsyncContextManager[AS_co, None]", scope)
 
     @overload
@@ -490,8 +410,8 @@ class SessionManager(Generic[S_co, AS_co]):
         :func:`sessionscope.with_session`."""
         if func is None:
             validate_overrides(overrides)
-            return lambda f: decorate_sync(f, overrides, self._self)
-        return decorate_sync(func, {}, self._self)
+            return lambda f: decorate_sync(f, overrides, self._get_host)
+        return decorate_sync(func, {}, self._get_host)
 
     @overload
     def async_with_session(  # type: ignore[overload-overlap]  # first match wins: session first
@@ -512,11 +432,18 @@ class SessionManager(Generic[S_co, AS_co]):
         """Async decorator: see :func:`sessionscope.async_with_session`."""
         if func is None:
             validate_overrides(overrides)
-            return lambda f: decorate_async(f, overrides, self._self)
-        return decorate_async(func, {}, self._self)
+            return lambda f: decorate_async(f, overrides, self._get_host)
+        return decorate_async(func, {}, self._get_host)
 
-    def _self(self) -> SessionManager[Any, Any]:
-        return self
+    @property
+    def scope_host(self) -> _core.ScopeHost:
+        """What sessionscope's scope machinery uses of this manager (where its
+        sessions come from, its configuration and counters); for the package's
+        own decorators and adapters, not for application code."""
+        return self._host
+
+    def _get_host(self) -> _core.ScopeHost:
+        return self._host
 
     @overload
     def with_retry(
@@ -558,7 +485,7 @@ class SessionManager(Generic[S_co, AS_co]):
         token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
         if token is None:
             return func(*args, **kwargs)
-        return call_with_retry(self, cfg, name, lambda: func(*args, **kwargs), token)
+        return call_with_retry(self._host, cfg, name, lambda: func(*args, **kwargs), token)
 
     @overload
     async def async_with_retry(
@@ -600,7 +527,7 @@ class SessionManager(Generic[S_co, AS_co]):
         token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
         if token is None:
             return await func(*args, **kwargs)
-        return await acall_with_retry(self, cfg, name, lambda: func(*args, **kwargs), token)
+        return await acall_with_retry(self._host, cfg, name, lambda: func(*args, **kwargs), token)
 
     def _retry_config(self, max_retries: int | None, retry_delay: float | None) -> SessionConfig:
         overrides: dict[str, Any] = {}
@@ -661,57 +588,17 @@ class SessionManager(Generic[S_co, AS_co]):
         Raises ``ValueError`` when no transaction is open on ``connection``: the
         sessions would then commit for real.
         """
-        if not connection.in_transaction():
-            raise ValueError(
-                "bound_to() needs a connection with an open transaction (call "
-                "connection.begin() first); without one, scopes would commit for real"
-            )
-        is_async = isinstance(connection, AsyncConnection)
-        kw = self._factory_kw(is_async)
-        kw["join_transaction_mode"] = "create_savepoint"
-        with self._lock:
-            saved = (self._sync_factory, self._async_factory, self._bound.get(is_async))
-            if isinstance(connection, AsyncConnection):
-                self._async_factory = async_sessionmaker(connection, **kw)
-            else:
-                self._sync_factory = sessionmaker(connection, **kw)
-            self._bound[is_async] = connection
-        try:
+        with self._source.bound_to(connection):
             yield
-        finally:
-            with self._lock:
-                if is_async:
-                    self._async_factory = saved[1]
-                else:
-                    self._sync_factory = saved[0]
-                if saved[2] is None:
-                    del self._bound[is_async]
-                else:
-                    self._bound[is_async] = saved[2]
 
     # -- monitoring --------------------------------------------------------------
-
-    def _engine_created(self, role: str, engine: Engine) -> None:
-        if _logger.isEnabledFor(logging.DEBUG):
-            _logger.debug(
-                "%s engine created: %s (%s)",
-                role,
-                _backend.safe_url(engine.url),
-                type(engine.pool).__name__,
-            )
-        for hook in self._engine_hooks:
-            hook(role, engine)
 
     def engines_by_role(self) -> dict[str, Engine]:
         """The engines created so far, keyed by role (``"sync"``, ``"async"``; the
         async engine as its ``sync_engine``). Pool status and the exporters report
         one entry per role, so a feature adding engines (read replicas) adds its
         roles here and is reported everywhere. Creates nothing."""
-        engines: dict[str, Engine] = {}
-        if self._engine is not None:
-            engines["sync"] = self._engine
-        if self._async_engine is not None:
-            engines["async"] = self._async_engine.sync_engine
+        engines = self._source.created_engines()
         if self._router is not None:
             engines.update(self._router.engines_by_role())
         if self._cluster is not None:
@@ -750,12 +637,12 @@ class SessionManager(Generic[S_co, AS_co]):
 
     def on_commit(self, callback: Callable[[], Any]) -> None:
         """Like :func:`sessionscope.on_commit`, on this manager's innermost scope."""
-        _core.on_commit(callback, self)
+        _core.on_commit(callback, self._host)
 
     def set_rollback(self, rollback: bool = True) -> None:
         """Like :func:`sessionscope.set_rollback`, on this manager's innermost scope:
         with scopes of two databases nested, each can be doomed on its own."""
-        _core.set_rollback(rollback, self)
+        _core.set_rollback(rollback, self._host)
 
     def mark_written(self) -> None:
         """Treat the current thread or task as having just written: its read-only
@@ -766,9 +653,10 @@ class SessionManager(Generic[S_co, AS_co]):
             self._router.mark_written()
 
     def _pool_exhausted(self, err: sa_exc.TimeoutError) -> PoolExhaustedError:
-        self.stats.pool_timed_out()
+        """The error for a pool checkout timeout, naming the pool(s) that ran dry."""
+        self._stats.pool_timed_out()
         # The moment the long-held warning is for: name the sessions holding the pool.
-        _watch.warn_overdue(self.stats, time.perf_counter())
+        _watch.warn_overdue(self._stats, time.perf_counter())
         status: dict[str, Any] = {}
         engines = self.engines_by_role()
         pools = {role: _backend.pool_status(engine) for role, engine in engines.items()}
@@ -778,7 +666,7 @@ class SessionManager(Generic[S_co, AS_co]):
             for key, value in figures.items():
                 if key != "pool_class":
                     status[f"{side}_{key}"] = value
-        status["active_sessions"] = self.stats.active_sessions
+        status["active_sessions"] = self._stats.active_sessions
         return _core.pool_exhausted(err, status)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -786,8 +674,7 @@ class SessionManager(Generic[S_co, AS_co]):
     def dispose(self) -> None:
         """Close the sync engine's pooled connections (the async engine: use
         :meth:`adispose`)."""
-        if self._engine is not None:
-            self._engine.dispose()
+        self._source.dispose()
         if self._router is not None:
             self._router.dispose()
         if self._cluster is not None:
@@ -795,8 +682,7 @@ class SessionManager(Generic[S_co, AS_co]):
 
     async def adispose(self) -> None:
         """Close the pooled connections of both engines (and of the replicas)."""
-        if self._async_engine is not None:
-            await self._async_engine.dispose()
+        await self._source.adispose()
         if self._router is not None:
             await self._router.adispose()
         if self._cluster is not None:

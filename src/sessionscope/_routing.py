@@ -55,7 +55,7 @@ from . import _backend
 
 if TYPE_CHECKING:
     from ._config import SessionConfig
-    from ._manager import SessionManager
+    from ._source import SessionSource
 
 __all__ = ["SELECTIONS", "Router", "validate_routing"]
 
@@ -200,14 +200,16 @@ class Router:
 
     def __init__(
         self,
-        manager: SessionManager,
+        source: SessionSource,
         replicas: Sequence[str | URL | Engine] | None,
         async_replicas: Sequence[str | URL | AsyncEngine] | None,
         *,
         selection: str,
         read_your_writes: float,
         cooldown: float,
-        engine_options: dict[str, Any],
+        write_engine: Callable[[bool], Any],
+        name: str,
+        log_enabled: Callable[[], bool],
     ) -> None:
         validate_routing(replicas, async_replicas, selection, read_your_writes, cooldown)
         count = len(replicas if replicas is not None else async_replicas or ())
@@ -216,7 +218,7 @@ class Router:
                 "replicas= is empty; give at least one replica URL or engine, or leave "
                 "replicas= out to read from the primary"
             )
-        backend = manager.url.get_backend_name()
+        backend = source.url.get_backend_name()
         self._replicas: list[_Replica] = []
         for i in range(count):
             replica = _Replica(
@@ -233,11 +235,14 @@ class Router:
                 if engine is not None:
                     self._watch_replica(replica, engine)
             self._replicas.append(replica)
-        self._manager = manager
+        self._source = source
+        self._write_engine = write_engine
+        self._name = name
+        self._log_enabled = log_enabled
         self.selection = selection
         self.read_your_writes = float(read_your_writes)
         self.cooldown = float(cooldown)
-        self._engine_options = engine_options
+        self._engine_options = source.engine_options
         self._rr = itertools.count()
         self._lock = threading.Lock()
         self._last_write: ContextVar[float] = ContextVar(
@@ -249,10 +254,9 @@ class Router:
         self._generation = 0
         self._zero()
         if self.read_your_writes > 0:
-            for primary in (manager._engine, manager._async_engine):
-                if primary is not None:
-                    self._watch_primary(primary)
-            manager._engine_hooks.append(self._on_engine_created)
+            for primary in source.created_engines().values():
+                self._watch_primary(primary)
+            source.add_engine_hook(self._on_engine_created)
 
     def _zero(self) -> None:
         self.reads = 0
@@ -310,19 +314,19 @@ class Router:
                         engine = create_async_engine(replica.async_url, **self._engine_options)
                         replica.async_engine = engine
                         self._watch_replica(replica, engine)
-                        self._manager._engine_created(f"{replica.name}_async", engine.sync_engine)
+                        self._source.engine_created(f"{replica.name}_async", engine.sync_engine)
                     else:
                         engine = create_engine(replica.url, **self._engine_options)
                         replica.engine = engine
                         self._watch_replica(replica, engine)
-                        self._manager._engine_created(replica.name, engine)
+                        self._source.engine_created(replica.name, engine)
         return engine
 
     def _factory(self, replica: _Replica, is_async: bool) -> Any:
         factory: Any = replica.async_factory if is_async else replica.factory
         if factory is None:
             engine = self._engine(replica, is_async)
-            kw = self._manager._factory_kw(is_async)
+            kw = self._source.factory_kw(is_async)
             if is_async:
                 front_class = kw.get("class_", AsyncSession)
                 base = kw.get("sync_session_class", front_class.sync_session_class)
@@ -365,12 +369,11 @@ class Router:
         """(factory, engine) for reads on the primary: the engine writes use now
         (with ``primaries=``, the node the cluster picks) with :data:`READ_MARK`
         set (it shares that engine's pool)."""
-        manager = self._manager
-        base: Any = manager._write_engine(is_async)
+        base: Any = self._write_engine(is_async)
         pair = self._primary_read.get((is_async, base))
         if pair is None:
             engine = base.execution_options(**{READ_MARK: True})
-            kw = manager._factory_kw(is_async)
+            kw = self._source.factory_kw(is_async)
             factory = async_sessionmaker(engine, **kw) if is_async else sessionmaker(engine, **kw)
             pair = self._primary_read[(is_async, base)] = (factory, engine)
         return pair
@@ -404,12 +407,12 @@ class Router:
                     self.primary_reads += 1
                     self.primary_because[reason] += 1
             factory, engine = self._primary(is_async)
-            return self._manager._open_with_options(cfg, factory, engine, is_async)
+            return self._source.open_with_options(cfg, factory, engine, is_async)
         if count:
             with self._lock:
                 self.reads += 1
                 replica.reads += 1
-        session = self._manager._open_with_options(
+        session = self._source.open_with_options(
             cfg, self._factory(replica, is_async), self._engine(replica, is_async), is_async
         )
         sync_session: Session = session.sync_session if is_async else session
@@ -489,7 +492,7 @@ class Router:
             engine = self._engine(nxt, is_async)
             route.tried.append(nxt)
             route.replica = nxt
-        bind = self._manager._options_kw(route.cfg, engine, is_async).get("bind", engine)
+        bind = self._source.options_kw(route.cfg, engine, is_async).get("bind", engine)
         if is_async:
             assert route.front is not None
             route.front.bind = bind
@@ -521,7 +524,7 @@ class Router:
             replica.down_until = now + self.cooldown
             replica.failures += 1
             replica.suspect = True
-        if self._manager.config.log_levelno <= logging.WARNING:
+        if self._log_enabled():
             logger.warning(
                 "%s (%s) failed to connect (%s); it is out of rotation for %.1f s and "
                 "reads go to the other replicas, then the primary",
@@ -552,7 +555,7 @@ class Router:
             engines: dict[str, Any] = {
                 "primary": {
                     "role": "primary",
-                    "url": self._manager.name,
+                    "url": self._name,
                     "reads": self.primary_reads,
                     "pool": {side: pool[side] for side in ("sync", "async") if side in pool},
                 }

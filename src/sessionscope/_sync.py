@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from contextvars import Token
 
     from ._config import SessionConfig
-    from ._manager import SessionManager
 
 __all__ = ["SyncScope", "call_with_retry", "decorate_sync"]
 
@@ -56,7 +55,7 @@ class SyncScope:
 
     def __init__(
         self,
-        manager: SessionManager | None,
+        manager: _core.ScopeHost | None,
         cfg: SessionConfig,
         explicit: Session | None = None,
         function: str | None = None,
@@ -83,7 +82,7 @@ class SyncScope:
             cfg,
             key,
             outer,
-            manager._open_sync if manager is not None else _not_set_up,
+            manager.open_sync if manager is not None else _not_set_up,
             manager.stats if cfg.enable_monitoring and manager is not None else None,
             self._function,
             self._explicit,
@@ -113,13 +112,13 @@ class SyncScope:
         if error is None:
             return
         if isinstance(error, sa_exc.TimeoutError) and self._manager is not None:
-            raise self._manager._pool_exhausted(error) from error
+            raise self._manager.pool_exhausted(error) from error
         if error is not exc:
             raise error
 
 
 def call_with_retry(
-    manager: SessionManager | None,
+    manager: _core.ScopeHost | None,
     cfg: SessionConfig,
     function: str | None,
     call: Callable[[], T],
@@ -148,7 +147,7 @@ def call_with_retry(
 def decorate_sync(
     func: Callable[..., T],
     overrides: Mapping[str, Any],
-    get_manager: Callable[[], SessionManager],
+    get_manager: Callable[[], _core.ScopeHost],
 ) -> Callable[..., T]:
     """Wrap ``func`` so it runs in a session scope with ``session`` injected.
 
@@ -165,7 +164,7 @@ def decorate_sync(
     def wrapper(*args: Any, **kwargs: Any) -> T:
         explicit = injection.explicit(args, kwargs)
         manager = scope_manager(get_manager, explicit is not None)
-        cfg = manager._resolve(key, overrides) if manager is not None else detached
+        cfg = manager.resolve(key, overrides) if manager is not None else detached
 
         def once() -> T:
             with SyncScope(manager, cfg, explicit, name) as session:

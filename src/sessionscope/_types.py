@@ -82,6 +82,7 @@ class PoolStats(TypedDict, total=False):
     checked_in: int
     checked_out: int
     overflow: int
+    max_overflow: int
     timeout: float
 
 

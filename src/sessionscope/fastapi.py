@@ -51,7 +51,6 @@ from typing import Annotated, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from starlette.requests import HTTPConnection
 from typing_extensions import Unpack
 
 from . import _core
@@ -65,6 +64,7 @@ try:
     import anyio.to_thread
     import fastapi
     from fastapi import Depends, params
+    from starlette.requests import HTTPConnection
 except ImportError as err:
     raise missing_extra("sessionscope.fastapi", "fastapi", err) from err
 

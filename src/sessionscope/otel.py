@@ -54,10 +54,10 @@ from typing import Any, Final
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from . import __version__
 from ._backend import driver_error_code
 from ._extras import missing_extra
 from ._manager import SessionManager
+from ._version import __version__
 
 try:
     from opentelemetry import metrics
@@ -162,7 +162,7 @@ class Instrumentation:
         )
         self._base = {"sessionscope.manager": manager.name}
         manager.stats.add_listener(self._on_transaction)
-        manager._engine_hooks.append(self._on_engine)
+        manager.add_engine_hook(self._on_engine)
         for role, engine in manager.engines_by_role().items():
             self._on_engine(role, engine)
 
@@ -173,8 +173,7 @@ class Instrumentation:
             self._active = False
             engines, self._engines = self._engines, []
         self.manager.stats.remove_listener(self._on_transaction)
-        if self._on_engine in self.manager._engine_hooks:
-            self.manager._engine_hooks.remove(self._on_engine)
+        self.manager.remove_engine_hook(self._on_engine)
         for engine, listeners in engines:
             for name, fn in listeners.items():
                 event.remove(engine, name, fn)

@@ -77,9 +77,9 @@ class SessionScopeCollector:
     def _targets(self) -> list[SessionManager]:
         if self._managers:
             return list(self._managers)
-        from . import _api
+        from ._api import default_manager_or_none
 
-        default = _api._default
+        default = default_manager_or_none()
         return [] if default is None else [default]
 
     def describe(self) -> Iterable[Metric]:
