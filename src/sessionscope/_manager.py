@@ -285,7 +285,9 @@ class SessionManager(Generic[S_co, AS_co]):
         ):
             session = source.session_factory()
         elif cfg.read_only and self._router is not None and not source.is_bound(False):
-            session = self._router.open_sync(cfg)
+            target = self._router.target(cfg, False)
+            session = source.open_with_options(cfg, target.factory, target.engine, False)
+            target.attach(session)
         else:
             session = source.open_with_options(cfg, source.session_factory, source.engine, False)
         return session, session
@@ -303,7 +305,9 @@ class SessionManager(Generic[S_co, AS_co]):
         ):
             front = source.async_session_factory()
         elif cfg.read_only and self._router is not None and not source.is_bound(True):
-            front = self._router.open_async(cfg)
+            target = self._router.target(cfg, True)
+            front = source.open_with_options(cfg, target.factory, target.engine, True)
+            target.attach(front)
         else:
             front = source.open_with_options(
                 cfg, source.async_session_factory, source.async_engine, True

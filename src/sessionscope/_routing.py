@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from ._config import SessionConfig
     from ._source import SessionSource
 
-__all__ = ["SELECTIONS", "Router", "validate_routing"]
+__all__ = ["SELECTIONS", "ReadTarget", "Router", "validate_routing"]
 
 SELECTIONS: Final = frozenset({"round_robin", "random"})
 
@@ -191,8 +191,35 @@ class _Route:
         self.tried: list[_Replica] = [replica]
 
 
+class ReadTarget:
+    """A routing decision: the ``factory`` and ``engine`` to open a read-only
+    session with, and the route (None on the primary) that follows it until its
+    first connection."""
+
+    __slots__ = ("engine", "factory", "route")
+
+    def __init__(self, factory: Any, engine: Any, route: _Route | None) -> None:
+        self.factory = factory
+        self.engine = engine
+        self.route = route
+
+    def attach(self, session: Session | AsyncSession) -> None:
+        """Follow ``session`` (opened from :attr:`factory`) to its first
+        connection, so a replica that cannot be reached is replaced before any
+        statement runs on it."""
+        route = self.route
+        if route is None:
+            return
+        if isinstance(session, AsyncSession):
+            route.front = session
+            session.sync_session.info[_ROUTE] = route
+        else:
+            session.info[_ROUTE] = route
+
+
 class Router:
-    """Routes the read-only sessions of one manager; see the module docstring.
+    """Chooses where the read-only sessions of one manager go; see the module
+    docstring. It never opens a session itself (see :meth:`target`).
 
     Thread- and task-safe: health is a timestamp per replica, counters are
     updated under a lock held for a few increments.
@@ -380,17 +407,11 @@ class Router:
 
     # -- routing -----------------------------------------------------------------
 
-    def open_sync(self, cfg: SessionConfig) -> Session:
-        """A new read-only ``Session``, bound to the replica or primary chosen."""
-        session: Session = self._open(cfg, False)
-        return session
-
-    def open_async(self, cfg: SessionConfig) -> AsyncSession:
-        """A new read-only ``AsyncSession``, bound to the replica or primary chosen."""
-        session: AsyncSession = self._open(cfg, True)
-        return session
-
-    def _open(self, cfg: SessionConfig, is_async: bool) -> Any:
+    def target(self, cfg: SessionConfig, is_async: bool) -> ReadTarget:
+        """Where a new read-only session of ``cfg`` goes: the factory and engine
+        of the replica (or the primary) chosen, and the route that re-points the
+        session if its first connection fails. The caller opens the session
+        (with the scope's settings) and hands it to :meth:`ReadTarget.attach`."""
         count = cfg.enable_monitoring
         replica: _Replica | None = None
         if self.read_your_writes > 0 and (
@@ -407,19 +428,13 @@ class Router:
                     self.primary_reads += 1
                     self.primary_because[reason] += 1
             factory, engine = self._primary(is_async)
-            return self._source.open_with_options(cfg, factory, engine, is_async)
+            return ReadTarget(factory, engine, None)
         if count:
             with self._lock:
                 self.reads += 1
                 replica.reads += 1
-        session = self._source.open_with_options(
-            cfg, self._factory(replica, is_async), self._engine(replica, is_async), is_async
-        )
-        sync_session: Session = session.sync_session if is_async else session
-        sync_session.info[_ROUTE] = _Route(
-            replica, cfg, is_async, session if is_async else None, self._generation
-        )
-        return session
+        route = _Route(replica, cfg, is_async, None, self._generation)
+        return ReadTarget(self._factory(replica, is_async), self._engine(replica, is_async), route)
 
     def _pick(self, exclude: Sequence[_Replica], after: _Replica | None = None) -> _Replica | None:
         """The next healthy replica not in ``exclude``, or None: by the selection
