@@ -217,7 +217,7 @@ def test_the_cockroachdb_dialect_gets_the_postgresql_scope_settings() -> None:
         statements = _backend.begin_statements(
             engine, timeout=1.5, read_only=True, causal_reads=False
         )
-        assert statements == ["SET LOCAL statement_timeout = 1500"]
+        assert [s.sql for s in statements] == ["SET LOCAL statement_timeout = 1500"]
         options = _backend.execution_options(engine, isolation_level=None, read_only=True)
         assert options == {"postgresql_readonly": True}
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -23,6 +23,7 @@ from ._errors import ReadOnlyError
 __all__ = [
     "DEFAULT_SQLITE_URL",
     "INTERNAL_ROLLBACK",
+    "BeginStatement",
     "apply_sqlite_savepoint_recipe",
     "async_url_for",
     "begin_statements",
@@ -202,9 +203,23 @@ def execution_options(
     return options
 
 
+class BeginStatement(NamedTuple):
+    """A statement run first in a new transaction for a per-scope setting.
+    ``restore`` names the ``connection.info`` mark that tells the pool's
+    ``checkin`` listener to put a session variable back (None: the setting is
+    transaction-local)."""
+
+    sql: str
+    restore: str | None = None
+
+
+_TIMEOUT_MARK: Final = "sessionscope_timeout"
+_SYNC_WAIT_MARK: Final = "sessionscope_sync_wait"
+
+
 def begin_statements(
     engine: Engine, *, timeout: float | None, read_only: bool, causal_reads: bool = False
-) -> list[str]:
+) -> list[BeginStatement]:
     """Statements to run first in a new transaction for per-scope settings.
 
     Raises ``ValueError`` for a setting the backend cannot honour, so it is never
@@ -213,16 +228,17 @@ def begin_statements(
     single server and CockroachDB read their own writes anyway.
     """
     name = engine.dialect.name
-    statements: list[str] = []
+    statements: list[BeginStatement] = []
     if timeout is not None:
         ms = max(1, round(timeout * 1000))
         if name in ("postgresql", "cockroachdb"):
-            statements.append(f"SET LOCAL statement_timeout = {ms}")
+            statements.append(BeginStatement(f"SET LOCAL statement_timeout = {ms}"))
         elif name in ("mysql", "mariadb"):
             if getattr(engine.dialect, "is_mariadb", False):
-                statements.append(f"SET @@session.max_statement_time = {ms / 1000:.3f}")
+                sql = f"SET @@session.max_statement_time = {ms / 1000:.3f}"
             else:
-                statements.append(f"SET @@session.max_execution_time = {ms}")
+                sql = f"SET @@session.max_execution_time = {ms}"
+            statements.append(BeginStatement(sql, _TIMEOUT_MARK))
             _install_mysql_reset(engine)
         else:
             raise ValueError(
@@ -231,11 +247,11 @@ def begin_statements(
             )
     if read_only and name in ("mysql", "mariadb"):
         # Applies to the next transaction only, which starts with the next statement.
-        statements.append("SET TRANSACTION READ ONLY")
+        statements.append(BeginStatement("SET TRANSACTION READ ONLY"))
     if causal_reads and name in ("mysql", "mariadb"):
         # Bit 1: reads (SELECT, SHOW, BEGIN) wait for the cluster's earlier commits.
         # A session variable: the pool's checkin listener puts it back.
-        statements.append("SET @@session.wsrep_sync_wait = 1")
+        statements.append(BeginStatement("SET @@session.wsrep_sync_wait = 1", _SYNC_WAIT_MARK))
         _install_mysql_reset(engine)
     return statements
 
@@ -260,9 +276,9 @@ def _install_mysql_reset(engine: Engine) -> None:
         if dbapi_connection is None:
             return
         resets = []
-        if record.info.pop("sessionscope_timeout", False):
+        if record.info.pop(_TIMEOUT_MARK, False):
             resets.append(f"@@session.{variable} = DEFAULT")
-        if record.info.pop("sessionscope_sync_wait", False):
+        if record.info.pop(_SYNC_WAIT_MARK, False):
             resets.append("@@session.wsrep_sync_wait = DEFAULT")
         if resets:
             cursor = dbapi_connection.cursor()
@@ -272,24 +288,19 @@ def _install_mysql_reset(engine: Engine) -> None:
                 cursor.close()
 
 
-def install_begin_statements(session: Session, statements: list[str]) -> None:
+def install_begin_statements(session: Session, statements: list[BeginStatement]) -> None:
     """Run ``statements`` at the start of each transaction of ``session``."""
-
-    mark_timeout = any("max_statement_time" in s or "max_execution_time" in s for s in statements)
-    mark_sync_wait = any("wsrep_sync_wait" in s for s in statements)
 
     def _after_begin(
         sess: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
         if transaction.nested:
             return
-        if mark_timeout:
-            # Tells the pool's checkin listener to restore the session variable.
-            connection.info["sessionscope_timeout"] = True
-        if mark_sync_wait:
-            connection.info["sessionscope_sync_wait"] = True
         for statement in statements:
-            connection.exec_driver_sql(statement)
+            if statement.restore is not None:
+                # Tells the pool's checkin listener to restore the session variable.
+                connection.info[statement.restore] = True
+            connection.exec_driver_sql(statement.sql)
 
     event.listen(session, "after_begin", _after_begin)
 
