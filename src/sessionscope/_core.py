@@ -267,7 +267,7 @@ class Frame:
         key: object,
         stats: Stats | None,
         function: str | None,
-        manager: object = None,
+        manager: ScopeHost | None = None,
     ) -> None:
         self.action = action
         self.manager = manager
@@ -396,7 +396,7 @@ def _live(frame: Frame | None) -> Frame | None:
 
 
 def current_frame(
-    key: object, is_async: bool | None = None, manager: object = None
+    key: object, is_async: bool | None = None, manager: ScopeHost | None = None
 ) -> Frame | None:
     """The innermost frame opened by ``key`` (from :func:`context_key`) that is
     visible here, of the given kind (sync or async; either if None) and manager
@@ -430,7 +430,7 @@ def _foreign_task_frame(key: object) -> Frame | None:
 
 
 def find_outer(
-    key: object, is_async: bool, explicit: Session | None, manager: object = None
+    key: object, is_async: bool, explicit: Session | None, manager: ScopeHost | None = None
 ) -> Frame | None:
     """The frame a new scope relates to.
 
@@ -459,7 +459,7 @@ def new_frame(
     stats: Stats | None,
     function: str | None,
     explicit_front: Any = None,
-    manager: object = None,
+    manager: ScopeHost | None = None,
     generator: FrameType | None = None,
 ) -> Frame:
     """Decide what a scope does (raising for mandatory/never/durable and, with
@@ -979,7 +979,7 @@ def pool_exhausted(err: sa_exc.TimeoutError, status: dict[str, Any]) -> PoolExha
     )
 
 
-def require_owner(what: str, manager: object = None) -> Frame:
+def require_owner(what: str, manager: ScopeHost | None = None) -> Frame:
     """The innermost frame (of ``manager``, or of any manager if None) owning a
     transaction or savepoint; raises :class:`NoActiveScopeError` outside any scope."""
     frame = current_frame(context_key(), None, manager)
@@ -993,7 +993,7 @@ def require_owner(what: str, manager: object = None) -> Frame:
     return owner
 
 
-def on_commit(callback: Callback, manager: object = None) -> None:
+def on_commit(callback: Callback, manager: ScopeHost | None = None) -> None:
     """Queue ``callback`` on the innermost owning scope (see ``sessionscope.on_commit``).
 
     Raises ``TypeError`` for a coroutine function in a sync scope: nothing
@@ -1017,7 +1017,7 @@ def _callable_name(callback: Callback) -> str:
     return str(getattr(callback, "__qualname__", type(callback).__qualname__))
 
 
-def set_rollback(rollback: bool, manager: object = None) -> None:
+def set_rollback(rollback: bool, manager: ScopeHost | None = None) -> None:
     """Doom or un-doom the innermost owning scope (see ``sessionscope.set_rollback``).
 
     Un-dooming never lifts a stronger reason not to commit (rollback-only).
@@ -1111,7 +1111,7 @@ def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None
 
 
 def enter_retry_boundary(
-    cfg: SessionConfig, *, explicit: bool, is_async: bool | None, manager: object
+    cfg: SessionConfig, *, explicit: bool, is_async: bool | None, manager: ScopeHost | None
 ) -> Token[Boundary | None] | None:
     """The one decision of whether a call retries: make the caller the retrying
     boundary of its thread or task and return the token to reset, or None to
