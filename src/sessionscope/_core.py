@@ -39,6 +39,7 @@ import inspect
 import logging
 import sys
 import time
+import weakref
 from asyncio import current_task, isfuture
 from asyncio.events import _get_running_loop
 from collections.abc import Callable, Iterator, Mapping
@@ -173,14 +174,25 @@ worker_key: ContextVar[object | None] = ContextVar("sessionscope_worker_key", de
 class Boundary:
     """The retry loop of one caller (thread or task). ``committed`` turns True as
     soon as anything under it committed (a scope of its own, ``requires_new``
-    work, or the body's ``session.commit()``): from then on the unit of work is
-    no longer atomic and is never re-run."""
+    work, the body's ``session.commit()``, or work in a child task or a thread
+    that inherited the context): from then on the unit of work is no longer
+    atomic and is never re-run. ``outer`` is the boundary of the caller that
+    was retrying when this one began (a child task's parent): what commits
+    under this one commits under it too."""
 
-    __slots__ = ("committed", "key")
+    __slots__ = ("committed", "key", "outer")
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, outer: Boundary | None = None) -> None:
         self.key = key
+        self.outer = outer
         self.committed = False
+
+    def mark_committed(self) -> None:
+        """Something under this boundary (and every enclosing one) committed."""
+        boundary: Boundary | None = self
+        while boundary is not None and not boundary.committed:
+            boundary.committed = True
+            boundary = boundary.outer
 
 
 retry_boundary: ContextVar[Boundary | None] = ContextVar("sessionscope_retrying", default=None)
@@ -205,6 +217,11 @@ def _context_manager_entries() -> frozenset[object]:
 
 
 _CM_ENTRIES: Final = _context_manager_entries()
+# Scopes entered directly in a generator, by id() of the generator's Python
+# frame (weakly: the scope object, held by the suspended generator, keeps its
+# frame alive). Consulted only when the context holds no visible frame.
+_GENERATOR_SCOPES: dict[int, weakref.ref[Frame]] = {}
+_CONTEXTLIB_FILE: Final = contextlib.__file__
 # asyncio.wait_for runs its awaitable in a new task before Python 3.12.
 _WAIT_FOR_TASK: Final = sys.version_info < (3, 12)
 _RELEASE_WAITER: Final = getattr(asyncio.tasks, "_release_waiter", None)
@@ -230,13 +247,16 @@ class Frame:
     """
 
     __slots__ = (
+        "__weakref__",
         "action",
         "below",
         "boundary",
         "callbacks",
         "cause",
         "cfg",
+        "commit_failed",
         "commit_in_flight",
+        "committed_now",
         "culprit",
         "due",
         "front",
@@ -298,6 +318,8 @@ class Frame:
         self.generator: FrameType | None = None
         self.boundary: Boundary | None = None
         self.commit_in_flight = False
+        self.commit_failed = False  # a COMMIT of the body's failed (the body went on)
+        self.committed_now = False  # the transaction that is ending was committed
         self.culprit: str | None = None  # the scope whose body spoiled this one
         self.started = 0.0
 
@@ -329,29 +351,47 @@ def _same_caller(frame_key: object, key: object) -> bool:
 
 
 def _waits_for(waiter: object, task: object) -> bool:
-    # On Python < 3.12, wait_for parks its caller on a future of its own that a
-    # done-callback of the task it made releases: that pair identifies it.
-    parked = getattr(waiter, "_fut_waiter", None)
-    if parked is None:
-        return False
+    """Python < 3.12: whether ``task`` runs for ``waiter`` through
+    ``asyncio.wait_for`` (directly, or through nested ``wait_for`` calls)."""
+    for _ in range(16):
+        parent = _wait_for_caller(task)
+        if parent is None:
+            return False
+        if parent is waiter:
+            return True
+        task = parent
+    return False
+
+
+def _wait_for_caller(task: object) -> object:
+    # wait_for parks its caller on a future of its own that a done-callback of
+    # the task it made releases; that future's own callback wakes the caller.
     for callback in getattr(task, "_callbacks", None) or ():
         function = callback[0] if isinstance(callback, tuple) else callback
         if (
             isinstance(function, functools.partial)
             and function.func is _RELEASE_WAITER
             and function.args
-            and function.args[0] is parked
         ):
-            return True
-    return False
+            for wake in getattr(function.args[0], "_callbacks", None) or ():
+                caller = getattr(wake[0] if isinstance(wake, tuple) else wake, "__self__", None)
+                if isfuture(caller):
+                    return caller
+    return None
 
 
 def entered_in_generator(caller: FrameType) -> FrameType | None:
     """The generator frame a scope is being entered from, when the scope must be
     seen only inside that generator; None for ordinary code and for generators
-    used as context managers. ``caller`` is the frame running the ``with``."""
-    if not caller.f_code.co_flags & _GENERATOR_FLAGS:
+    used as context managers. ``caller`` is the frame that called ``__enter__``;
+    frames of ``contextlib`` in between (``ExitStack.enter_context``) are
+    plumbing, not the code that holds the scope."""
+    frame: FrameType | None = caller
+    while frame is not None and frame.f_code.co_filename == _CONTEXTLIB_FILE:
+        frame = frame.f_back
+    if frame is None or not frame.f_code.co_flags & _GENERATOR_FLAGS:
         return None
+    caller = frame
     resumer = caller.f_back
     if resumer is not None and resumer.f_code in _CM_ENTRIES:
         return None
@@ -409,10 +449,34 @@ def current_frame(
             frame.state is not _CLOSED
             and (is_async is None or frame.is_async is is_async)
             and (manager is None or frame.manager is manager)
+            and (frame.root is None or frame.root.state is not _CLOSED)
             and _visible(frame, key)
         ):
             return frame
         frame = frame.below
+    if _GENERATOR_SCOPES:
+        return _running_generator_scope(is_async, manager)
+    return None
+
+
+def _running_generator_scope(is_async: bool | None, manager: ScopeHost | None) -> Frame | None:
+    """The scope of a generator running here that the current context does not
+    hold: a generator resumed each time in a fresh copy of its caller's context
+    (Starlette runs sync streaming generators so, in pool threads)."""
+    python_frame: FrameType | None = sys._getframe(2)
+    while python_frame is not None:
+        ref = _GENERATOR_SCOPES.get(id(python_frame))
+        found = ref() if ref is not None else None
+        if (
+            found is not None
+            and found.generator is python_frame
+            and found.state is not _CLOSED
+            and (is_async is None or found.is_async is is_async)
+            and (manager is None or found.manager is manager)
+            and (found.root is None or found.root.state is not _CLOSED)
+        ):
+            return found
+        python_frame = python_frame.f_back
     return None
 
 
@@ -473,11 +537,12 @@ def new_frame(
             _check_child_task(cfg, key, function)
         session, front = open_session(cfg)
         frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
-        frame.generator = generator
+        if generator is not None:
+            _private_to(frame, generator)
         session.info[_SESSION_FRAME] = frame
-        boundary = retry_boundary.get()
-        if boundary is not None and _same_caller(boundary.key, key):
-            frame.boundary = boundary
+        # Whoever retries around this scope, in this task or (for child tasks and
+        # threads that inherited the context) in the one that started it.
+        frame.boundary = retry_boundary.get()
         frame.started = started = time.perf_counter()
         if stats is not None:
             if cfg.long_session_warning is None:
@@ -504,7 +569,8 @@ def new_frame(
         )
     front = outer.front if outer.front is not None else explicit_front
     frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
-    frame.generator = generator
+    if generator is not None:
+        _private_to(frame, generator)
     root = frame.root
     if root is not None:
         if root.inner is None:
@@ -512,6 +578,20 @@ def new_frame(
         root.inner.append(frame)
     frame.started = time.perf_counter()
     return frame
+
+
+def _private_to(frame: Frame, generator: FrameType) -> None:
+    frame.generator = generator
+    _GENERATOR_SCOPES[id(generator)] = weakref.ref(frame)
+
+
+def _release_generator(frame: Frame) -> None:
+    generator = frame.generator
+    if generator is not None:
+        frame.generator = None
+        ref = _GENERATOR_SCOPES.get(id(generator))
+        if ref is not None and ref() is frame:
+            del _GENERATOR_SCOPES[id(generator)]
 
 
 def _check_child_task(cfg: SessionConfig, key: object, function: str | None) -> None:
@@ -557,8 +637,21 @@ def pop(frame: Frame) -> None:
 
 
 def begin_savepoint(session: Session, frame: Frame) -> None:
-    """Emit SAVEPOINT for a SAVEPOINT frame (BEGINs the outer transaction if needed)."""
-    frame.savepoint = session.begin_nested()
+    """Emit SAVEPOINT for a SAVEPOINT frame (BEGINs the outer transaction if needed).
+
+    If that fails, the scope never began: its frame is closed and forgotten, so
+    nothing the owner does afterwards is taken for this scope's doing.
+    """
+    try:
+        frame.savepoint = session.begin_nested()
+    except BaseException:
+        frame.state = _CLOSED
+        _release_generator(frame)
+        root = frame.root
+        if root is not None and root.inner:
+            with contextlib.suppress(ValueError):
+                root.inner.remove(frame)
+        raise
     if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
         logger.debug("savepoint begun (%s)", frame.function or "scope")
 
@@ -586,7 +679,7 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     if action is _NEW:
         return _exit_root(session, frame, exc)
     frame.state = _CLOSED
-    frame.generator = None
+    _release_generator(frame)
     root = frame.root
     if root is not None and root.inner:
         # Not always the last one: generators can end in any order.
@@ -723,7 +816,21 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         if exc is None:
             savepoint.rollback()
         else:
-            _quietly(savepoint.rollback, "rolling back to a savepoint")
+            try:
+                savepoint.rollback()
+            except Exception as err:
+                # The savepoint is gone with the whole transaction (MySQL/MariaDB
+                # roll a deadlock victim's transaction back entirely): the
+                # enclosing scope's earlier work is lost, so it must not commit.
+                logger.warning(
+                    "rolling back to the savepoint of %s failed (%s): the enclosing "
+                    "transaction is marked rollback-only",
+                    frame.function or "scope",
+                    type(err).__name__,
+                )
+                owner = frame.parent.owner if frame.parent is not None else None
+                if owner is not None:
+                    _mark_rollback_only(owner, exc)
     if stats is not None:
         stats.savepoint_ended(rolled_back=True)
     if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
@@ -756,7 +863,7 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
 def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
     cfg = frame.cfg
     frame.state = _ENDING
-    frame.generator = None
+    _release_generator(frame)
     committed = False
     failed = exc is not None and not _is_expected(cfg, exc)
     callbacks: list[Callback] = []
@@ -792,7 +899,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
                 # nothing): it counts as a successful commit all the same.
                 committed = True
                 if frame.boundary is not None:
-                    frame.boundary.committed = True
+                    frame.boundary.mark_committed()
                 callbacks = (frame.due or []) + (frame.callbacks or [])
             else:
                 # auto_commit=False or set_rollback(True): close() below returns
@@ -803,7 +910,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
             callbacks = frame.due or []
             if cfg.auto_rollback and session.in_transaction():
                 _quietly(session.rollback, "rolling back after an exception")
-            if frame.commit_in_flight and is_disconnect(exc):
+            if (frame.commit_in_flight or frame.commit_failed) and is_disconnect(exc):
                 raise CommitOutcomeUnknownError(
                     "the connection was lost while session.commit() called in the scope "
                     "body was in flight; the server may or may not have committed. This "
@@ -825,8 +932,9 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
 def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
     if frame.veto is _SPOILED:
         return RollbackOnlyError(
-            "the transaction was rolled back instead of committed: session.rollback() "
-            f"was called inside a joined or nested scope ({frame.culprit}), which "
+            "the transaction was rolled back instead of committed: session.rollback() (or "
+            f"close() / reset()) was called inside a joined or nested scope ({frame.culprit}), "
+            "which "
             "rolled back this scope's whole transaction; committing what came after it "
             "would commit partial work. Let the error propagate instead of rolling back "
             'there, or give that scope propagation="nested" and let the exception '
@@ -882,7 +990,7 @@ def _commit(session: Session, frame: Frame) -> None:
     except sa_exc.DBAPIError as err:
         if is_disconnect(err):
             if frame.boundary is not None:
-                frame.boundary.committed = True
+                frame.boundary.mark_committed()
             raise CommitOutcomeUnknownError(
                 f"the connection was lost while COMMIT was in flight ({describe(err)}); "
                 "the server may or may not have committed. This is never retried: "
@@ -1038,7 +1146,7 @@ def install_session_events(session_class: type[Session]) -> None:
     for it). Sessions sessionscope did not open are left alone."""
     event.listen(session_class, "before_commit", _before_commit)
     event.listen(session_class, "after_commit", _after_commit)
-    event.listen(session_class, "after_soft_rollback", _after_soft_rollback)
+    event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 
 def _body_root(session: Session) -> Frame | None:
@@ -1070,7 +1178,7 @@ def _before_commit(session: Session) -> None:
     root.commit_in_flight = True
     if root.boundary is not None:
         # From here on the unit is no longer atomic: never re-run it.
-        root.boundary.committed = True
+        root.boundary.mark_committed()
 
 
 def _after_commit(session: Session) -> None:
@@ -1078,6 +1186,7 @@ def _after_commit(session: Session) -> None:
     if root is None or session.in_nested_transaction():
         return
     root.commit_in_flight = False
+    root.committed_now = True
     due: list[Callback] | None = root.due
     for frame in (root, *(root.inner or ())):
         if frame.callbacks:
@@ -1087,13 +1196,23 @@ def _after_commit(session: Session) -> None:
             frame.callbacks = None
 
 
-def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
-    if previous.parent is not None or session.info.get(INTERNAL_ROLLBACK):
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    # The end of the whole transaction, however the body ended it: COMMIT
+    # (after_commit ran first), or ROLLBACK, close() or reset(), which all
+    # discard it.
+    if transaction.parent is not None or session.info.get(INTERNAL_ROLLBACK):
         return  # a savepoint, or sessionscope's own (a routing fallback)
     root = _body_root(session)
     if root is None:
         return
-    root.commit_in_flight = False
+    if root.committed_now:
+        root.committed_now = False
+        return
+    if root.commit_in_flight:
+        # A COMMIT of the body's failed and the body rolled back: if the
+        # connection was lost, the outcome stays unknown (see _exit_root).
+        root.commit_in_flight = False
+        root.commit_failed = True
     active = root.inner
     for frame in (root, *(active or ())):
         frame.callbacks = None
@@ -1130,7 +1249,7 @@ def enter_retry_boundary(
     outer = retry_boundary.get()
     if outer is not None and _same_caller(outer.key, key):
         return None
-    return retry_boundary.set(Boundary(key))
+    return retry_boundary.set(Boundary(key, outer))
 
 
 def next_retry(
