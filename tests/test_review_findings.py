@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import gc
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -742,3 +743,180 @@ async def test_async_nested_scope_that_failed_to_begin_does_not_spoil_the_owner(
         session.add(User(name="after"))
     assert aenv.rows() == ["after", "taken"]
     aenv.assert_clean()
+
+
+def test_contextmanager_helper_used_in_a_generator_is_not_seen_between_iterations(
+    env: Env,
+) -> None:
+    """The same rule with the most common helper: a ``@contextmanager`` unit of
+    work wrapping ``session_scope()``, used in a generator. The scope is taken
+    for the ``with`` block's (right for a ``with`` in ordinary code), but that
+    ``with`` block is inside a generator: the caller's write between
+    iterations joins the generator's session and is lost on abandon."""
+    manager = env.manager
+
+    @contextlib.contextmanager
+    def unit_of_work() -> Iterator[Session]:
+        with manager.session_scope() as session:
+            yield session
+
+    def reader() -> Iterator[int]:
+        with unit_of_work() as session:
+            session.execute(text("SELECT 1"))
+            yield 1
+            yield 2
+
+    rows = reader()
+    next(rows)
+    with manager.session_scope() as session:
+        session.add(User(name="between"))
+    rows.close()
+    assert env.rows() == ["between"]
+    env.assert_clean()
+
+
+async def test_asynccontextmanager_helper_used_in_an_async_generator(aenv: Env) -> None:
+    """Async twin with ``@asynccontextmanager``."""
+    manager = aenv.manager
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work() -> AsyncIterator[AsyncSession]:
+        async with manager.async_session_scope() as session:
+            yield session
+
+    async def reader() -> AsyncIterator[int]:
+        async with unit_of_work() as session:
+            await session.execute(text("SELECT 1"))
+            yield 1
+            yield 2
+
+    rows = reader()
+    await rows.__anext__()
+    async with manager.async_session_scope() as session:
+        session.add(User(name="between"))
+    await rows.aclose()
+    assert aenv.rows() == ["between"]
+    aenv.assert_clean()
+
+
+def test_generators_with_a_contextmanager_helper_finished_out_of_order(env: Env) -> None:
+    """Issue 10's out-of-order case, through a ``@contextmanager`` helper: the
+    second generator's scope joins the first one's session (it is visible to
+    everyone); the first finishes and commits; the second generator's later
+    write goes to the closed session and is silently lost."""
+    manager = env.manager
+
+    @contextlib.contextmanager
+    def unit_of_work() -> Iterator[Session]:
+        with manager.session_scope() as session:
+            yield session
+
+    # SQLite allows one writer: each generator's session then flushes only at its
+    # COMMIT, so the two never hold the write lock at once.
+    flush = env.backend != "sqlite"
+
+    def gen(name: str) -> Iterator[None]:
+        with unit_of_work() as session:
+            session.add(User(name=f"{name}1"))
+            if flush:
+                session.flush()
+            yield
+            session.add(User(name=f"{name}2"))
+            if flush:
+                session.flush()
+            yield
+
+    first, second = gen("a"), gen("b")
+    try:
+        next(first)
+        next(second)
+        for g in (first, second):  # the older one finishes first
+            with contextlib.suppress(StopIteration):
+                next(g)
+                next(g)
+        with manager.session_scope() as session:
+            session.add(User(name="after"))
+        assert env.rows() == ["a1", "a2", "after", "b1", "b2"]
+        env.assert_clean()
+    finally:
+        del first, second
+        gc.collect()  # today a reopened transaction is left behind (MariaDB: row locks)
+
+
+async def test_async_generator_read_with_wait_for_sees_its_own_scope_on_every_python(
+    aenv: Env,
+) -> None:
+    """Rule: same behaviour on 3.10 to 3.13, and a generator's scope is seen by
+    code inside that generator. Reading a stream with a timeout,
+    ``await asyncio.wait_for(stream.__anext__(), timeout)``, resumes the async
+    generator in a new task per item on 3.10/3.11 (in the caller's task on
+    3.12+). From the second item on, the generator's own scope is invisible
+    inside it on 3.10/3.11: a decorated helper commits on its own, and when the
+    generator then fails its row stays (on 3.12+ it joins and rolls back)."""
+    manager = aenv.manager
+    joined: list[bool] = []
+
+    @manager.async_with_session(retry_attempts=0)
+    async def helper(session: AsyncSession, name: str) -> AsyncSession:
+        session.add(User(name=name))
+        await session.flush()
+        return session
+
+    async def stream() -> AsyncIterator[int]:
+        async with manager.async_session_scope() as session:
+            session.add(User(name="first"))
+            await session.flush()
+            yield 1
+            joined.append(await helper("second") is session)
+            yield 2
+            raise RuntimeError("the stream fails")
+
+    rows = stream()
+    with contextlib.suppress(RuntimeError):
+        while True:
+            await asyncio.wait_for(rows.__anext__(), timeout=30)
+    assert joined == [True], f"Python {sys.version_info[:2]}"
+    assert aenv.rows() == []
+    aenv.assert_clean()
+
+
+# -- the body's COMMIT through the session's Connection -------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")  # a warning, as in production
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_body_commit_through_the_connection_is_never_retried(backend: str, tmp_path: Path) -> None:
+    """Rule (SPEC 3): never re-run after the body committed anything itself.
+    ``session.connection().commit()`` commits the transaction as surely as
+    ``session.commit()``, but only the Session's events are followed: a
+    transient error afterwards re-runs the unit and the committed part is
+    applied twice."""
+    env, lock = _transient_env(backend, tmp_path)
+    manager = env.manager
+    calls: list[int] = []
+
+    @manager.with_session
+    def work(session: Session) -> None:
+        calls.append(1)
+        if lock is not None:
+            lock.release()
+        session.add(User(name=f"paid{len(calls)}"))
+        session.flush()
+        session.connection().commit()
+        if len(calls) == 1:
+            _break_next_write(env, session, lock)
+        session.add(User(name=f"receipt{len(calls)}"))
+        session.flush()
+
+    try:
+        with contextlib.suppress(Exception):
+            work()
+        if lock is not None:
+            lock.release()
+        assert calls == [1], "re-run after the body's COMMIT through the connection"
+        assert env.rows() == ["paid1"]
+        env.assert_clean()
+    finally:
+        if lock is not None:
+            lock.close()
+        env.close()

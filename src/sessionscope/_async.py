@@ -97,7 +97,8 @@ class AsyncScope:
             self._function,
             explicit,
             manager,
-            _core.entered_in_generator(sys._getframe(1)),
+            # A decorated call's scope ends before it returns: no generator holds it.
+            None if self._function is not None else _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             await frame.front.run_sync(_core.begin_savepoint, frame)

@@ -80,6 +80,7 @@ __all__ = [
     "Veto",
     "abort_frame",
     "begin_savepoint",
+    "connection_committed",
     "context_key",
     "current_frame",
     "enter_retry_boundary",
@@ -196,6 +197,8 @@ class Boundary:
 
 
 retry_boundary: ContextVar[Boundary | None] = ContextVar("sessionscope_retrying", default=None)
+# True while sessionscope itself sends a scope's COMMIT (for the engine listener).
+_own_commit: ContextVar[bool] = ContextVar("sessionscope_own_commit", default=False)
 
 _SESSION_FRAME: Final = "sessionscope_frame"  # session.info key: the owning NEW frame
 
@@ -381,21 +384,22 @@ def _wait_for_caller(task: object) -> object:
 
 
 def entered_in_generator(caller: FrameType) -> FrameType | None:
-    """The generator frame a scope is being entered from, when the scope must be
-    seen only inside that generator; None for ordinary code and for generators
-    used as context managers. ``caller`` is the frame that called ``__enter__``;
-    frames of ``contextlib`` in between (``ExitStack.enter_context``) are
-    plumbing, not the code that holds the scope."""
+    """The generator frame a ``with`` scope is being entered in, when the scope
+    must be seen only inside that generator: the innermost generator on the
+    stack that is iterated (not one that ``contextlib`` drives as a context
+    manager, whose scope belongs to the code around its ``with`` block). None
+    when no iterated generator runs here. ``caller`` is the frame that called
+    ``__enter__``; helpers in between (``ExitStack``, ``@contextmanager``
+    functions, wrapper classes) hold the scope for the code that called them.
+    Marking a scope that ends before its generator next yields is harmless."""
     frame: FrameType | None = caller
-    while frame is not None and frame.f_code.co_filename == _CONTEXTLIB_FILE:
+    while frame is not None:
+        if frame.f_code.co_flags & _GENERATOR_FLAGS:
+            resumer = frame.f_back
+            if resumer is None or resumer.f_code not in _CM_ENTRIES:
+                return frame
         frame = frame.f_back
-    if frame is None or not frame.f_code.co_flags & _GENERATOR_FLAGS:
-        return None
-    caller = frame
-    resumer = caller.f_back
-    if resumer is not None and resumer.f_code in _CM_ENTRIES:
-        return None
-    return caller
+    return None
 
 
 def _running(generator: FrameType) -> bool:
@@ -898,7 +902,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
                 # else nothing is pending (the body committed itself, or sent
                 # nothing): it counts as a successful commit all the same.
                 committed = True
-                if frame.boundary is not None:
+                if frame.boundary is not None and not cfg.read_only:
                     frame.boundary.mark_committed()
                 callbacks = (frame.due or []) + (frame.callbacks or [])
             else:
@@ -985,6 +989,7 @@ def _commit(session: Session, frame: Frame) -> None:
     # Flush first: a failure there happened before COMMIT was sent, so its
     # outcome is known (nothing committed) and a transient one may be retried.
     session.flush()
+    token = _own_commit.set(True)
     try:
         session.commit()
     except sa_exc.DBAPIError as err:
@@ -1011,6 +1016,8 @@ def _commit(session: Session, frame: Frame) -> None:
                 type(err).__name__,
             )
         raise
+    finally:
+        _own_commit.reset(token)
 
 
 def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> None:
@@ -1147,6 +1154,21 @@ def install_session_events(session_class: type[Session]) -> None:
     event.listen(session_class, "before_commit", _before_commit)
     event.listen(session_class, "after_commit", _after_commit)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
+
+
+def connection_committed(connection: object) -> None:
+    """Engine ``commit`` listener (installed on a manager's engines): a COMMIT
+    sessionscope did not issue and the body did not issue through its session
+    (``session.connection().commit()``, an ``engine.begin()`` block inside the
+    unit) still makes the unit non-atomic: the retry boundary must not re-run it."""
+    boundary = retry_boundary.get()
+    if boundary is None or boundary.committed or _own_commit.get():
+        return  # nothing retries, already marked, or sessionscope's own COMMIT
+    frame = _live(stack.get())
+    root = frame.root if frame is not None else None
+    if root is not None and root.commit_in_flight:
+        return  # the body's session.commit(): followed by the session events
+    boundary.mark_committed()
 
 
 def _body_root(session: Session) -> Frame | None:

@@ -87,7 +87,8 @@ class SyncScope:
             self._function,
             self._explicit,
             manager,
-            _core.entered_in_generator(sys._getframe(1)),
+            # A decorated call's scope ends before it returns: no generator holds it.
+            None if self._function is not None else _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             _core.begin_savepoint(frame.session, frame)
