@@ -34,19 +34,15 @@ request and cached, and ``app.dependency_overrides[get_db] = ...`` replaces it.
 The package root never imports this module, so FastAPI stays an optional extra.
 """
 
-import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from . import _core
-from ._api import get_default_manager
-from ._config import SessionConfig
 from ._manager import SessionManager
+from ._request import ThreadedRequestScope, check_options, manager_getter
 
 __all__ = [
     "SessionDep",
@@ -56,16 +52,6 @@ __all__ = [
     "session_dependency",
     "sync_session_dependency",
 ]
-
-
-def _manager_getter(manager: SessionManager | None) -> Callable[[], SessionManager]:
-    if manager is None:
-        # Looked up per request: the application may set the database up after
-        # importing its routes (for instance in a lifespan handler).
-        return get_default_manager
-    if not isinstance(manager, SessionManager):
-        raise TypeError(f"expected a SessionManager or None, got {manager!r}")
-    return lambda: manager
 
 
 def session_dependency(
@@ -84,8 +70,8 @@ def session_dependency(
         reports = SessionManager("postgresql://reports@db/reports")
         ReportsDep = Annotated[AsyncSession, Depends(session_dependency(reports))]
     """
-    SessionConfig().merged(overrides)
-    get_manager = _manager_getter(manager)
+    check_options(overrides)
+    get_manager = manager_getter(manager)
 
     async def request_scope() -> AsyncIterator[AsyncSession]:
         async with get_manager().async_session_scope(**overrides) as session:
@@ -114,31 +100,21 @@ def sync_session_dependency(
     In an ``async def`` path function use :func:`session_dependency` instead:
     blocking calls there would stall the event loop.
     """
-    SessionConfig().merged(overrides)
-    get_manager = _manager_getter(manager)
+    check_options(overrides)
+    get_manager = manager_getter(manager)
 
     async def request_scope() -> AsyncIterator[Session]:
-        # Runs in the request's task: what is set here is seen by the worker
-        # threads that FastAPI starts later for this request (they copy the
-        # task's context), including the one running the path function.
-        scope = get_manager().session_scope(**overrides)
-        key_token = _core.worker_key.set(object())
+        # Runs in the request's task: the worker threads that FastAPI starts later
+        # for this request, including the one running the path function, copy
+        # this task's context and so join the request's scope.
+        request = ThreadedRequestScope(get_manager(), overrides)
+        session = await request.open()
         try:
-            # The scope's own context bookkeeping must begin and end in one
-            # context; the worker threads each get a fresh copy, so keep one.
-            context = contextvars.copy_context()
-            session = await anyio.to_thread.run_sync(context.run, scope.__enter__)
-            stack_token = _core.stack.set(context.run(_core.stack.get))
-            try:
-                yield session
-            except BaseException as exc:
-                _core.stack.reset(stack_token)
-                await _exit_in_thread(context, scope.__exit__, exc)
-                raise
-            _core.stack.reset(stack_token)
-            await _exit_in_thread(context, scope.__exit__, None)
-        finally:
-            _core.worker_key.reset(key_token)
+            yield session
+        except BaseException as exc:
+            await request.close(exc)
+            raise
+        await request.close()
 
     async def get_sync_db(
         session: Annotated[Session, Depends(request_scope, scope="function")],
@@ -147,21 +123,6 @@ def sync_session_dependency(
 
     get_sync_db.__doc__ = _GET_SYNC_DB_DOC
     return get_sync_db
-
-
-async def _exit_in_thread(
-    context: contextvars.Context, exit_: Callable[..., Any], exc: BaseException | None
-) -> None:
-    # A limiter of its own, as FastAPI does for sync generator dependencies: the
-    # exit returns a pooled connection, so it must not queue behind requests that
-    # hold worker threads while they wait for a connection.
-    limiter = anyio.CapacityLimiter(1)
-    if exc is None:
-        await anyio.to_thread.run_sync(context.run, exit_, None, None, None, limiter=limiter)
-    else:
-        await anyio.to_thread.run_sync(
-            context.run, exit_, type(exc), exc, exc.__traceback__, limiter=limiter
-        )
 
 
 _GET_DB_DOC = """FastAPI dependency: the request's ``AsyncSession``.
