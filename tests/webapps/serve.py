@@ -22,7 +22,9 @@ def main() -> None:
     if framework == "flask":
         import waitress
 
-        waitress.serve(WSGIHarness(module.create()), sockets=[sock], threads=8)
+        app = module.create()
+        app.wsgi_app = WSGIHarness(app.wsgi_app)
+        waitress.serve(app, sockets=[sock], threads=8)
         return
     import uvicorn
 
