@@ -279,7 +279,9 @@ class WebFixtures:
     @staticmethod
     def database(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if backend == "sqlite":
-            yield f"sqlite:///{tmp_path_factory.mktemp('web') / 'web.db'}"
+            # 200 concurrent writers queue for SQLite's one write lock: wait for
+            # it longer than the default 5 s on a loaded machine.
+            yield f"sqlite:///{tmp_path_factory.mktemp('web') / 'web.db'}?timeout=120"
             return
         url = require_server(backend)
         if backend == "postgresql":
@@ -494,14 +496,15 @@ class DisconnectContract(WebFixtures):
 def asgi_cancellation_case(app: Any, manager: SessionManager) -> None:
     """In-process: the task serving a request is cancelled while its handler holds a
     connection; the scope rolls back and nothing stays checked out."""
+    RELEASE.clear()
 
     async def run() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             task = asyncio.create_task(c.post("/a/hold/cut"))
-            while manager.get_stats()["active_sessions"] == 0 or not any(
-                side.get("checked_out") for side in manager.pool_status().values()
-            ):
+            deadline = time.monotonic() + 30
+            while server_stats(manager)["checked_out"] == 0:  # the handler flushed
+                assert time.monotonic() < deadline and not task.done()
                 await asyncio.sleep(0.01)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

@@ -253,9 +253,12 @@ async def serve_asgi(
     and end that scope when the application starts its response, before the
     ``http.response.start`` message is passed on.
 
-    How it ends: with the exception ``error_of()`` names (an exception the
-    framework turned into this response, if it reports them), else ROLLBACK
-    quietly when the status is ``rollback_from_status`` or more, else COMMIT. A
+    How it ends, by the response's status and the exception ``error_of()``
+    names (one the framework turned into this response, if it reports them):
+    a 5xx made from an exception rolls back and counts as failed; any other
+    response made from an exception, or with a status of ``rollback_from_status``
+    or more, rolls back quietly (counted as rolled back, not failed); the rest
+    COMMIT. A
     failed COMMIT is raised out of ``send`` (which stops the application) and then
     out of this function, in place of whatever the application made of it, with
     nothing sent: the server or an outer error handler answers 5xx
@@ -268,12 +271,16 @@ async def serve_asgi(
     async def send_after_commit(message: Message) -> None:
         nonlocal failure
         if message["type"] == "http.response.start" and not request.closed:
-            error = error_of()
+            error, status = error_of(), int(message["status"])
             try:
-                if error is not None:
+                if error is not None and status >= 500:
                     await request.close(error)
                 else:
-                    await request.close(rollback=int(message["status"]) >= rollback_from_status)
+                    # An exception answered below 500 is a client error: the
+                    # framework classified it, and it rolls back quietly.
+                    await request.close(
+                        rollback=error is not None or status >= rollback_from_status
+                    )
             except Exception as err:
                 failure = err
                 raise
