@@ -116,3 +116,18 @@ def test_package_root_does_not_import_starlette() -> None:
     code = "import sys, sessionscope; print('starlette' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize(
+    ("module", "framework"),
+    [("fastapi", "fastapi"), ("starlette", "starlette"), ("flask", "flask"),
+     ("litestar", "litestar")],
+)
+def test_a_missing_framework_names_the_extra(module: str, framework: str) -> None:
+    code = (
+        f"import sys; sys.modules[{framework!r}] = None\n"
+        f"try:\n    import sessionscope.{module}\n"
+        "except ImportError as err:\n    print(err)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert f"pip install 'sessionscope[{framework}]'" in out.stdout

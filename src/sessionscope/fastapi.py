@@ -37,7 +37,12 @@ The package root never imports this module, so FastAPI stays an optional extra.
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends
+try:
+    from fastapi import Depends
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sessionscope.fastapi needs FastAPI: pip install 'sessionscope[fastapi]'"
+    ) from err
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
