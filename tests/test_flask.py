@@ -176,3 +176,35 @@ def test_package_root_does_not_import_flask() -> None:
     code = "import sys, sessionscope; print('flask' in sys.modules, 'werkzeug' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_threads_started_with_the_view_context_join_the_request(
+    manager: SessionManager,
+) -> None:
+    """A view hands work to a thread with a copy of its context: that code is
+    identified by the request, not by the thread, and joins its session."""
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = Flask(__name__)
+    db = SessionScope(app)
+    threads: set[int] = set()
+
+    @with_session
+    def add(session: Any, name: str) -> Any:
+        threads.add(threading.get_ident())
+        session.add(User(name=name))
+        return session
+
+    @app.post("/<name>")
+    def create(name: str) -> Any:
+        with ThreadPoolExecutor(1) as pool:
+            used = pool.submit(contextvars.copy_context().run, add, name).result()
+        return {"same": used is db.session}, 201
+
+    reply = app.test_client().post("/ann")
+    assert (reply.status_code, reply.get_json()) == (201, {"same": True})
+    assert threading.get_ident() not in threads
+    assert count_users(manager, "ann") == 1
+    assert manager.get_stats()["session_count"] == 1
