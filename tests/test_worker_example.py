@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,28 @@ class Worker:
     process: subprocess.Popen[str]
     log: Path
     celery: Any
+    sent: list[str] = field(default_factory=list)
 
     def run(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.send(name, *args, **kwargs).get(timeout=60)
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.celery.send_task(name, args=args, kwargs=kwargs, queue=self.queue)
+        result = self.celery.send_task(name, args=args, kwargs=kwargs, queue=self.queue)
+        self.sent.append(result.id)
+        return result
+
+    def forget(self) -> None:
+        """Remove what this run left in Redis: its queue and the jobs' results."""
+        import redis
+
+        client = redis.Redis.from_url(BROKER)
+        try:
+            keys = [f"celery-task-meta-{task_id}" for task_id in self.sent]
+            keys += [self.queue, f"_kombu.binding.{self.queue}"]
+            keys += [f"_kombu.binding_permanent.{self.queue}"]
+            client.delete(*keys)
+        finally:
+            client.close()
 
     def emails(self) -> list[dict[str, str]]:
         if not self.outbox.exists():
@@ -109,6 +125,7 @@ def worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        worker.forget()
         celery.close()
         engine = create_engine(url)
         Base.metadata.drop_all(engine)
