@@ -43,25 +43,23 @@ request and cached, and ``app.dependency_overrides[get_db] = ...`` replaces it.
 The package root never imports this module, so FastAPI stays an optional extra.
 """
 
-import contextvars
 import inspect
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from typing_extensions import Unpack
 
-from . import _core
 from ._api import get_default_manager
 from ._config import SessionConfig
 from ._extras import missing_extra
 from ._manager import SessionManager
+from ._request import ThreadedRequestScope
 from ._types import AS, S, ScopeOptions
 
 try:
-    import anyio.to_thread
     import fastapi
     from fastapi import Depends, params
     from starlette.requests import HTTPConnection
@@ -163,27 +161,17 @@ def sync_session_dependency(
 
     async def request_scope(connection: HTTPConnection) -> AsyncIterator[S]:
         check(connection, get_sync_db)
-        # Runs in the request's task: what is set here is seen by the worker
-        # threads that FastAPI starts later for this request (they copy the
-        # task's context), including the one running the path function.
-        scope = get_manager().session_scope(**overrides)
-        key_token = _core.worker_key.set(object())
+        # Runs in the request's task: the worker threads that FastAPI starts later
+        # for this request, including the one running the path function, copy
+        # this task's context and so join the request's scope.
+        request = ThreadedRequestScope(get_manager(), overrides)
+        session = await request.open()
         try:
-            # The scope's own context bookkeeping must begin and end in one
-            # context; the worker threads each get a fresh copy, so keep one.
-            context = contextvars.copy_context()
-            session = await anyio.to_thread.run_sync(context.run, scope.__enter__)
-            stack_token = _core.stack.set(context.run(_core.stack.get))
-            try:
-                yield session
-            except BaseException as exc:
-                _core.stack.reset(stack_token)
-                await _exit_in_thread(context, scope.__exit__, exc)
-                raise
-            _core.stack.reset(stack_token)
-            await _exit_in_thread(context, scope.__exit__, None)
-        finally:
-            _core.worker_key.reset(key_token)
+            yield cast(S, session)
+        except BaseException as exc:
+            await request.close(exc)
+            raise
+        await request.close()
 
     async def get_sync_db(
         session: Annotated[S, Depends(request_scope, scope="function")],
@@ -262,21 +250,6 @@ class _KindCheck:
                     "Session: use get_async_db (AsyncSessionDep, manager.get_async_db)"
                 )
         return None
-
-
-async def _exit_in_thread(
-    context: contextvars.Context, exit_: Callable[..., Any], exc: BaseException | None
-) -> None:
-    # A limiter of its own, as FastAPI does for sync generator dependencies: the
-    # exit returns a pooled connection, so it must not queue behind requests that
-    # hold worker threads while they wait for a connection.
-    limiter = anyio.CapacityLimiter(1)
-    if exc is None:
-        await anyio.to_thread.run_sync(context.run, exit_, None, None, None, limiter=limiter)
-    else:
-        await anyio.to_thread.run_sync(
-            context.run, exit_, type(exc), exc, exc.__traceback__, limiter=limiter
-        )
 
 
 _GET_DB_DOC = """FastAPI dependency: the request's ``AsyncSession``.
