@@ -242,3 +242,79 @@ async def test_async_statement_spans_nest_under_the_transaction(
     statements = [s for s in spans if s is not transaction]
     assert statements
     assert {s.parent.span_id for s in statements if s.parent} == {transaction.context.span_id}
+
+
+# -- wired to a manager: the core reports its real transactions ----------------------
+
+
+@pytest.fixture
+def traced(
+    db_url: str, provider: TracerProvider
+) -> Iterator[tuple[SessionManager, TransactionTracer]]:
+    from sessionscope.otel_tracing import trace_transactions
+
+    from .conftest import reset_schema
+
+    manager = SessionManager(db_url)
+    reset_schema(manager.engine)
+    tracer = trace_transactions(manager, tracer_provider=provider)
+    yield manager, tracer
+    manager.remove_observer(tracer)
+    manager.dispose()
+
+
+def _outcomes(exporter: InMemorySpanExporter) -> list[tuple[str, Any]]:
+    return [
+        (s.name, (s.attributes or {}).get("sessionscope.transaction.outcome"))
+        for s in exporter.get_finished_spans()
+    ]
+
+
+def test_scopes_of_a_traced_manager_make_spans(
+    traced: tuple[SessionManager, TransactionTracer],
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager, _ = traced
+
+    @manager.with_session
+    def add(session: Any, name: str) -> None:
+        session.add(User(name=name))
+
+    add("ann")
+    with pytest.raises(IntegrityError):
+        add("ann")
+    with manager.session_scope() as session:
+        with pytest.raises(ValueError), manager.session_scope(propagation="nested"):
+            session.add(User(name="inner"))
+            raise ValueError("undone")
+        manager.set_rollback(True)
+    assert _outcomes(exporter) == [
+        (f"transaction {add.__module__}.{add.__qualname__}", "committed"),
+        (f"transaction {add.__module__}.{add.__qualname__}", "failed"),
+        ("transaction", "rolled_back"),
+    ]
+    last = exporter.get_finished_spans()[-1]
+    assert [e.name for e in last.events] == ["sessionscope.savepoint"]
+    assert (last.events[0].attributes or {})["sessionscope.savepoint.outcome"] == "rolled_back"
+    assert "ann" not in repr([everything_said(s) for s in exporter.get_finished_spans()])
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "detach" in r.getMessage()]
+
+
+async def test_async_scopes_of_a_traced_manager_make_spans(
+    traced: tuple[SessionManager, TransactionTracer],
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager, _ = traced
+    try:
+        async with manager.async_session_scope() as session:
+            session.add(User(name="bob"))
+        with pytest.raises(RuntimeError):
+            async with manager.async_session_scope():
+                raise RuntimeError("fails")
+    finally:
+        await manager.adispose()
+    assert _outcomes(exporter) == [("transaction", "committed"), ("transaction", "failed")]
+    assert all((s.attributes or {})["sessionscope.async"] for s in exporter.get_finished_spans())
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "detach" in r.getMessage()]

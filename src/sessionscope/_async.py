@@ -192,7 +192,6 @@ async def acall_with_retry(
     token: Token[_core.Boundary | None],
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
-    stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
         while True:
@@ -200,7 +199,7 @@ async def acall_with_retry(
                 return await call()
             except Exception as exc:
                 attempt += 1
-                delay = _core.next_retry(stats, cfg, exc, attempt, function)
+                delay = _core.next_retry(manager, cfg, exc, attempt, function)
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)

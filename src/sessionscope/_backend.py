@@ -23,6 +23,7 @@ from ._errors import ReadOnlyError
 __all__ = [
     "DEFAULT_SQLITE_URL",
     "INTERNAL_ROLLBACK",
+    "ROUTED_TO_REPLICA",
     "BeginStatement",
     "apply_sqlite_savepoint_recipe",
     "async_url_for",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 DEFAULT_SQLITE_URL: Final = "sqlite:///sessionscope.db"
+
+ROUTED_TO_REPLICA: Final = "sessionscope_routed_to_replica"
+"""``session.info`` key naming the read replica a session was routed to."""
 
 INTERNAL_ROLLBACK: Final = "sessionscope_internal_rollback"
 """``session.info`` key set while sessionscope itself rolls a session back in the

@@ -53,7 +53,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _watch
-from ._backend import INTERNAL_ROLLBACK
+from ._backend import INTERNAL_ROLLBACK, ROUTED_TO_REPLICA
 from ._errors import (
     ActiveScopeError,
     CommitOutcomeUnknownError,
@@ -61,6 +61,7 @@ from ._errors import (
     PoolExhaustedError,
     RollbackOnlyError,
 )
+from ._observe import Outcome, TransactionInfo, TransactionObserver
 from ._policy import Action, decide, joins
 from ._retry import describe, is_disconnect, retry_delay_for
 
@@ -119,6 +120,8 @@ class ScopeHost(Protocol):
     frames of different hosts (databases) never do."""
 
     stats: Stats
+    name: str
+    observers: tuple[TransactionObserver, ...]
 
     def open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
         """A new ``Session`` for a scope with ``cfg`` (twice: core and front)."""
@@ -277,6 +280,7 @@ class Frame:
         "started",
         "state",
         "stats",
+        "trace",
         "veto",
     )
 
@@ -324,6 +328,8 @@ class Frame:
         self.commit_failed = False  # a COMMIT of the body's failed (the body went on)
         self.committed_now = False  # the transaction that is ending was committed
         self.culprit: str | None = None  # the scope whose body spoiled this one
+        # (observer, handle) of each transaction observer watching this scope.
+        self.trace: list[tuple[TransactionObserver, object]] | None = None
         self.started = 0.0
 
     def forbid(self, veto: Veto, cause: BaseException | None) -> None:
@@ -557,6 +563,8 @@ def new_frame(
                 )
                 if started >= stats.next_deadline:
                     _watch.warn_overdue(stats, started)
+        if manager is not None and manager.observers:
+            _begin_trace(frame, manager)
         if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
             logger.debug("session opened (%s)", function or "scope")
         return frame
@@ -582,6 +590,27 @@ def new_frame(
         root.inner.append(frame)
     frame.started = time.perf_counter()
     return frame
+
+
+def _begin_trace(frame: Frame, host: ScopeHost) -> None:
+    session = frame.session
+    cfg = frame.cfg
+    info = TransactionInfo(
+        function=frame.function,
+        manager=host.name,
+        system=session.get_bind().dialect.name,
+        isolation_level=cfg.isolation_level,
+        read_only=cfg.read_only,
+        replica=session.info.get(ROUTED_TO_REPLICA) is not None,
+        is_async=frame.is_async,
+    )
+    trace: list[tuple[TransactionObserver, object]] = []
+    for observer in host.observers:
+        try:
+            trace.append((observer, observer.begin(info)))
+        except Exception as err:
+            logger.warning("transaction observer %r failed: %s", observer, type(err).__name__)
+    frame.trace = trace
 
 
 def _private_to(frame: Frame, generator: FrameType) -> None:
@@ -768,14 +797,12 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
     savepoint = frame.savepoint
     frame.savepoint = None
     keep = (exc is None and frame.veto is None) or (exc is not None and not frame.cfg.auto_rollback)
-    stats = frame.stats
     if savepoint is not None and not _is_open(frame.session, savepoint):
         # The body committed or rolled back the whole transaction meanwhile: the
         # savepoint is gone, and what the scope did since runs in the enclosing
         # transaction. Kept, its callbacks go to the owner; otherwise that work
         # cannot be undone here, so the enclosing owner must not commit it.
-        if stats is not None:
-            stats.savepoint_ended(rolled_back=not keep)
+        _savepoint_ended(frame, rolled_back=not keep, error=exc)
         if keep:
             _promote_callbacks(frame)
             return
@@ -795,8 +822,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             except BaseException as err:
                 _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
                 frame.callbacks = None
-                if stats is not None:
-                    stats.savepoint_ended(rolled_back=True)
+                _savepoint_ended(frame, rolled_back=True, error=err)
                 if exc is None:
                     raise
                 # auto_rollback=False with the body already failing: its exception
@@ -808,8 +834,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
                 )
                 return
         _promote_callbacks(frame)
-        if stats is not None:
-            stats.savepoint_ended(rolled_back=False)
+        _savepoint_ended(frame, rolled_back=False, error=None)
         if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
             logger.debug("savepoint released (%s)", frame.function or "scope")
         return
@@ -835,8 +860,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
                 owner = frame.parent.owner if frame.parent is not None else None
                 if owner is not None:
                     _mark_rollback_only(owner, exc)
-    if stats is not None:
-        stats.savepoint_ended(rolled_back=True)
+    _savepoint_ended(frame, rolled_back=True, error=exc)
     if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
         logger.debug(
             "rolled back to savepoint (%s)%s",
@@ -850,6 +874,23 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             "was partial. Catch the error inside the inner scope, or give the inner "
             'scope propagation="nested" so its failure is contained.'
         ) from frame.cause
+
+
+def _savepoint_ended(frame: Frame, *, rolled_back: bool, error: BaseException | None) -> None:
+    if frame.stats is not None:
+        frame.stats.savepoint_ended(rolled_back=rolled_back)
+    root = frame.root
+    if root is not None and root.trace:
+        for observer, handle in root.trace:
+            _tell(observer.savepoint, handle, released=not rolled_back, error=error)
+
+
+def _tell(call: Callable[..., object], *args: object, **kwargs: object) -> None:
+    # An observer (a tracer) must never break the transaction it watches.
+    try:
+        call(*args, **kwargs)
+    except Exception as err:
+        logger.warning("transaction observer %r failed: %s", call, type(err).__name__)
 
 
 def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
@@ -871,6 +912,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     committed = False
     failed = exc is not None and not _is_expected(cfg, exc)
     callbacks: list[Callback] = []
+    error: BaseException | None = None
     if exc is not None and cfg.log_levelno <= logging.WARNING:
         _log_failure(frame, exc, at_exit=False, expected=not failed)
     try:
@@ -925,11 +967,9 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
         failed = True
         if cfg.log_levelno <= logging.WARNING:
             _log_failure(frame, err, at_exit=True, expected=False)
-        error: BaseException | None = err
-    else:
-        error = None
+        error = err
     finally:
-        _close(session, frame, committed=committed, failed=failed)
+        _close(session, frame, committed=committed, failed=failed, error=error or exc)
     return callbacks, error
 
 
@@ -1020,7 +1060,14 @@ def _commit(session: Session, frame: Frame) -> None:
         _own_commit.reset(token)
 
 
-def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> None:
+def _close(
+    session: Session,
+    frame: Frame,
+    *,
+    committed: bool,
+    failed: bool,
+    error: BaseException | None = None,
+) -> None:
     """Close the session and record the outcome; invalidate the connection if the
     close itself fails, so no connection stays checked out or idle in transaction."""
     if frame.state is _CLOSED:
@@ -1034,6 +1081,8 @@ def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> 
     finally:
         session.info.pop(_SESSION_FRAME, None)
         frame.inner = None
+        if frame.trace:
+            _end_trace(frame, committed=committed, failed=failed, error=error)
         now = time.perf_counter()
         duration = now - frame.started
         stats = frame.stats
@@ -1063,6 +1112,23 @@ def _close(session: Session, frame: Frame, *, committed: bool, failed: bool) -> 
                 "committed" if committed else "rolled back",
                 duration,
             )
+
+
+def _end_trace(
+    frame: Frame, *, committed: bool, failed: bool, error: BaseException | None
+) -> None:
+    outcome: Outcome
+    if committed:
+        outcome = "committed"
+    elif isinstance(error, CommitOutcomeUnknownError):
+        outcome = "commit_outcome_unknown"
+    elif failed:
+        outcome = "failed"
+    else:
+        outcome = "rolled_back"
+    trace, frame.trace = frame.trace or [], None
+    for observer, handle in trace:
+        _tell(observer.end, handle, outcome, error)
 
 
 def abort_frame(session: Session, frame: Frame) -> None:
@@ -1275,7 +1341,7 @@ def enter_retry_boundary(
 
 
 def next_retry(
-    stats: Stats | None,
+    host: ScopeHost | None,
     cfg: SessionConfig,
     exc: Exception,
     attempt: int,
@@ -1298,7 +1364,11 @@ def next_retry(
                 describe(exc),
             )
         return None
-    record_retry(stats, cfg, exc, attempt, delay, function)
+    record_retry(host.stats if host is not None and cfg.enable_monitoring else None,
+                 cfg, exc, attempt, delay, function)
+    if host is not None:
+        for observer in host.observers:
+            _tell(observer.retry, exc, attempt, delay, function)
     return delay
 
 

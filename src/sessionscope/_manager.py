@@ -28,6 +28,7 @@ from ._cluster import Cluster
 from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
 from ._errors import PoolExhaustedError
+from ._observe import TransactionObserver
 from ._routing import Router
 from ._source import SessionSource
 from ._stats import Stats
@@ -65,9 +66,19 @@ class _Host:
     """What the scope machinery needs of a manager (``_core.ScopeHost``): its
     bound methods, so that a scope pays no extra call for the indirection."""
 
-    __slots__ = ("open_async", "open_sync", "pool_exhausted", "resolve", "stats")
+    __slots__ = (
+        "name",
+        "observers",
+        "open_async",
+        "open_sync",
+        "pool_exhausted",
+        "resolve",
+        "stats",
+    )
 
     def __init__(self, manager: SessionManager[Any, Any]) -> None:
+        self.name = manager.name
+        self.observers: tuple[TransactionObserver, ...] = ()
         self.open_sync = manager._open_sync
         self.open_async = manager._open_async
         self.resolve = manager._resolve
@@ -270,6 +281,16 @@ class SessionManager(Generic[S_co, AS_co]):
         # setup_database_connection() hands the counters on to a new default manager.
         self._stats = stats
         self._host.stats = stats
+
+    def add_observer(self, observer: TransactionObserver) -> None:
+        """Report this manager's transactions to ``observer`` (see
+        :mod:`sessionscope.otel_tracing`): when each outermost transaction begins
+        and ends, its savepoints and its retries."""
+        self._host.observers = (*self._host.observers, observer)
+
+    def remove_observer(self, observer: TransactionObserver) -> None:
+        """Stop reporting to ``observer``."""
+        self._host.observers = tuple(o for o in self._host.observers if o is not observer)
 
     def add_engine_hook(self, hook: Callable[[str, Engine], None]) -> None:
         """Call ``hook(role, engine)`` for every engine this manager creates from

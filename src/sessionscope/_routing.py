@@ -210,11 +210,12 @@ class ReadTarget:
         route = self.route
         if route is None:
             return
+        sync_session = session.sync_session if isinstance(session, AsyncSession) else session
         if isinstance(session, AsyncSession):
             route.front = session
-            session.sync_session.info[_ROUTE] = route
-        else:
-            session.info[_ROUTE] = route
+        sync_session.info[_ROUTE] = route
+        assert route.replica is not None
+        sync_session.info[_backend.ROUTED_TO_REPLICA] = route.replica.name
 
 
 class Router:
@@ -503,10 +504,12 @@ class Router:
         if nxt is None:
             engine = self._primary(is_async)[1]
             route.replica = None
+            session.info.pop(_backend.ROUTED_TO_REPLICA, None)
         else:
             engine = self._engine(nxt, is_async)
             route.tried.append(nxt)
             route.replica = nxt
+            session.info[_backend.ROUTED_TO_REPLICA] = nxt.name
         bind = self._source.options_kw(route.cfg, engine, is_async).get("bind", engine)
         if is_async:
             assert route.front is not None

@@ -129,7 +129,6 @@ def call_with_retry(
     opens its own session). Whether this call retries at all is the core's
     decision (:func:`._core.enter_retry_boundary`), whose ``token`` this
     resets when done."""
-    stats = manager.stats if cfg.enable_monitoring and manager is not None else None
     try:
         attempt = 0
         while True:
@@ -137,7 +136,7 @@ def call_with_retry(
                 return call()
             except Exception as exc:
                 attempt += 1
-                delay = _core.next_retry(stats, cfg, exc, attempt, function)
+                delay = _core.next_retry(manager, cfg, exc, attempt, function)
                 if delay is None:
                     raise
                 time.sleep(delay)

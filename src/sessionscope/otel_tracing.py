@@ -35,11 +35,12 @@ from typing import Any
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
+from ._manager import SessionManager
 from ._observe import Outcome, TransactionInfo
 from ._retry import error_code
 from ._version import __version__
 
-__all__ = ["TransactionTracer"]
+__all__ = ["TransactionTracer", "trace_transactions"]
 
 # The retry decided in this thread or task, reported on the next attempt's span.
 _pending_retry: ContextVar[dict[str, Any] | None] = ContextVar(
@@ -123,3 +124,20 @@ def _error_attributes(error: BaseException) -> dict[str, Any]:
     if code is not None:
         attributes["db.response.status_code"] = code
     return attributes
+
+
+def trace_transactions(
+    manager: SessionManager[Any, Any] | None = None,
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> TransactionTracer:
+    """Trace the transactions of ``manager`` (default: the default manager,
+    which must be set up) with spans of ``tracer_provider`` (default: the
+    global one). Returns the tracer; ``manager.remove_observer(tracer)`` stops."""
+    if manager is None:
+        from ._api import get_default_manager
+
+        manager = get_default_manager()
+    tracer = TransactionTracer(tracer_provider)
+    manager.add_observer(tracer)
+    return tracer
