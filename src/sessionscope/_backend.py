@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -119,13 +120,11 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
     def _connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
 
-    driver = engine.dialect.driver
-    if driver == "pysqlite":
+    begin = _DIRECT_BEGIN.get(engine.dialect.driver)
+    if begin is not None:
         # An instance attribute: only this engine's dialect (shared by its
         # execution_options() copies) changes, never the dialect class.
-        engine.dialect.do_begin = _pysqlite_begin  # type: ignore[method-assign]
-    elif driver == "aiosqlite":
-        engine.dialect.do_begin = _aiosqlite_begin  # type: ignore[method-assign]
+        setattr(engine.dialect, "do_begin", begin)  # noqa: B010
     else:
 
         @event.listens_for(engine, "begin")
@@ -157,6 +156,12 @@ def _aiosqlite_begin(connection: Any) -> None:
         await_(aio.execute("BEGIN"))
         return
     queue.put_nowait((None, functools.partial(raw.execute, "BEGIN")))
+
+
+_DIRECT_BEGIN: Final[dict[str, Callable[[Any], None]]] = {
+    "pysqlite": _pysqlite_begin,
+    "aiosqlite": _aiosqlite_begin,
+}
 
 
 def begin_statements(engine: Engine, *, timeout: float | None, read_only: bool) -> list[str]:
