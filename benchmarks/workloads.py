@@ -5,7 +5,9 @@ but ``concurrent`` a unit is one transaction. Each contender's code is what a
 fluent user of that library writes:
 
 * raw SQLAlchemy: ``with sessionmaker.begin() as s:`` /
-  ``async with async_sessionmaker.begin() as s:``;
+  ``async with async_sessionmaker.begin() as s:`` on a plain ``create_engine``
+  (the reference, ``raw``) and, on SQLite, on the manager's engine, which has the
+  BEGIN recipe (``raw_recipe``);
 * sessionscope: ``with manager.session_scope() as s:`` and the decorators;
 * advanced-alchemy: ``with config.get_session() as s: ...; s.commit()`` (its
   session context manager closes but does not commit);
@@ -33,7 +35,8 @@ AsyncRunner = Callable[[int], Awaitable[None]]
 PEERS = ("fastapi_async_sqlalchemy", "advanced_alchemy")
 
 LABELS = {
-    "raw": "raw SQLAlchemy",
+    "raw": "raw SQLAlchemy (plain engine)",
+    "raw_recipe": "raw SQLAlchemy + SQLite BEGIN recipe",
     "raw_close": "raw, commit() + close() by hand",
     "sessionscope": "sessionscope scope",
     "scope": "sessionscope scope",
@@ -71,16 +74,28 @@ class Workload:
         return f"{self.name}:{variant}"
 
 
+def _raws(name: str, raw: Any, raw_recipe: Any, make: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """The raw SQLAlchemy runners: ``raw`` on a plain engine (the reference) and,
+    on SQLite, ``raw_recipe`` on the manager's engine (with the BEGIN recipe)."""
+    runners = {"raw": make(raw, f"{name}:raw")}
+    if raw_recipe is not None:
+        runners["raw_recipe"] = make(raw_recipe, f"{name}:raw_recipe")
+    return runners
+
+
 # -- 1. one trivial ORM insert per transaction -------------------------------------
 
 
 def _insert_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager, aa = env.Row, env.raw, env.manager, env.aa_sync
+    Row, manager, aa = env.Row, env.manager, env.aa_sync
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -95,16 +110,23 @@ def _insert_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 s.add(Row(name=tag))
                 s.commit()
 
-    return {"raw": raw_run, "sessionscope": scope_run, "advanced_alchemy": aa_run}
+    return {
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
+        "sessionscope": scope_run,
+        "advanced_alchemy": aa_run,
+    }
 
 
 def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager, aa, db = env.Row, env.araw, env.manager, env.aa_async, env.fas_db
+    Row, manager, aa, db = env.Row, env.manager, env.aa_async, env.fas_db
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -125,7 +147,7 @@ def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 await s.commit()
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "sessionscope": scope_run,
         "fastapi_async_sqlalchemy": fas_run,
         "advanced_alchemy": aa_run,
@@ -136,12 +158,15 @@ def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _empty_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    raw, manager, aa = env.raw, env.manager, env.aa_sync
+    manager, aa = env.manager, env.aa_sync
 
-    def raw_run(n: int) -> None:
-        for _ in range(n):
-            with raw.begin():
-                pass
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin():
+                    pass
+
+        return raw_run
 
     def scope_run(n: int) -> None:
         scope = manager.session_scope
@@ -155,16 +180,23 @@ def _empty_sync(env: Env, name: str) -> dict[str, SyncRunner]:
             with get_session() as s:
                 s.commit()
 
-    return {"raw": raw_run, "sessionscope": scope_run, "advanced_alchemy": aa_run}
+    return {
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
+        "sessionscope": scope_run,
+        "advanced_alchemy": aa_run,
+    }
 
 
 def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    raw, manager, aa, db = env.araw, env.manager, env.aa_async, env.fas_db
+    manager, aa, db = env.manager, env.aa_async, env.fas_db
 
-    async def raw_run(n: int) -> None:
-        for _ in range(n):
-            async with raw.begin():
-                pass
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin():
+                    pass
+
+        return raw_run
 
     async def scope_run(n: int) -> None:
         scope = manager.async_session_scope
@@ -184,7 +216,7 @@ def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 await s.commit()
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "sessionscope": scope_run,
         "fastapi_async_sqlalchemy": fas_run,
         "advanced_alchemy": aa_run,
@@ -197,11 +229,14 @@ def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _decorator_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_fn(tag: str) -> None:
-        with raw.begin() as s:
-            s.add(Row(name=tag))
+    def raw_fn_for(raw: Any) -> Callable[[str], None]:
+        def raw_fn(tag: str) -> None:
+            with raw.begin() as s:
+                s.add(Row(name=tag))
+
+        return raw_fn
 
     def scope_fn(tag: str) -> None:
         with manager.session_scope() as s:
@@ -219,18 +254,21 @@ def _decorator_sync(env: Env, name: str) -> dict[str, SyncRunner]:
         return run
 
     return {
-        "raw": loop(raw_fn, f"{name}:raw"),
+        **_raws(name, env.raw, env.raw_recipe, lambda raw, tag: loop(raw_fn_for(raw), tag)),
         "scope": loop(scope_fn, f"{name}:scope"),
         "decorator": loop(decorated_fn, f"{name}:decorator"),
     }
 
 
 def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_fn(tag: str) -> None:
-        async with raw.begin() as s:
-            s.add(Row(name=tag))
+    def raw_fn_for(raw: Any) -> Callable[[str], Awaitable[None]]:
+        async def raw_fn(tag: str) -> None:
+            async with raw.begin() as s:
+                s.add(Row(name=tag))
+
+        return raw_fn
 
     async def scope_fn(tag: str) -> None:
         async with manager.async_session_scope() as s:
@@ -248,7 +286,7 @@ def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
         return run
 
     return {
-        "raw": loop(raw_fn, f"{name}:raw"),
+        **_raws(name, env.araw, env.araw_recipe, lambda raw, tag: loop(raw_fn_for(raw), tag)),
         "scope": loop(scope_fn, f"{name}:scope"),
         "decorator": loop(decorated_fn, f"{name}:decorator"),
     }
@@ -261,13 +299,16 @@ def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _join_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -277,17 +318,20 @@ def _join_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 with scope() as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.raw, env.raw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _join_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -297,18 +341,21 @@ def _join_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 async with scope() as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.araw, env.araw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _savepoint_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
-                with s.begin_nested():
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
                     s.add(Row(name=tag))
+                    with s.begin_nested():
+                        s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -318,18 +365,21 @@ def _savepoint_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 with scope(propagation="nested") as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.raw, env.raw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _savepoint_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
-                async with s.begin_nested():
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
                     s.add(Row(name=tag))
+                    async with s.begin_nested():
+                        s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -339,7 +389,7 @@ def _savepoint_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 async with scope(propagation="nested") as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.araw, env.araw_recipe, raw_for), "sessionscope": scope_run}
 
 
 # -- 5. 200 concurrent async tasks on PostgreSQL ------------------------------------
@@ -397,12 +447,15 @@ def _concurrent(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _monitoring_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw = env.Row, env.raw
+    Row = env.Row
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scoped(manager: Any, tag: str) -> SyncRunner:
         def run(n: int) -> None:
@@ -414,19 +467,22 @@ def _monitoring_sync(env: Env, name: str) -> dict[str, SyncRunner]:
         return run
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
         "monitoring_on": scoped(env.manager, f"{name}:monitoring_on"),
         "monitoring_off": scoped(env.quiet, f"{name}:monitoring_off"),
     }
 
 
 def _monitoring_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw = env.Row, env.araw
+    Row = env.Row
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scoped(manager: Any, tag: str) -> AsyncRunner:
         async def run(n: int) -> None:
@@ -438,7 +494,7 @@ def _monitoring_async(env: Env, name: str) -> dict[str, AsyncRunner]:
         return run
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "monitoring_on": scoped(env.manager, f"{name}:monitoring_on"),
         "monitoring_off": scoped(env.quiet_async, f"{name}:monitoring_off"),
     }
