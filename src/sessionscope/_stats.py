@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["DURATION_BUCKETS", "Stats", "TransactionListener"]
+__all__ = ["DURATION_BUCKETS", "FUNCTION_LIMIT", "OTHER_FUNCTIONS", "Stats", "TransactionListener"]
 
 DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 """Upper bounds (seconds, inclusive) of the transaction duration histogram: the
@@ -38,6 +38,16 @@ boundaries the OpenTelemetry database conventions recommend for
 _logger = logging.getLogger("sessionscope")
 
 _WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
+
+FUNCTION_LIMIT: Final = 1000
+"""Decorated functions that get figures of their own; calls of any further
+function are added up under :data:`OTHER_FUNCTIONS`, so a program that
+decorates functions without end (generated ones, closures made per request)
+keeps the statistics, and every exporter's series, bounded."""
+
+OTHER_FUNCTIONS: Final = "<other>"
+"""The name the calls of functions past :data:`FUNCTION_LIMIT` are recorded under
+(never a ``module.qualname``)."""
 
 TransactionListener = Callable[[float, bool, bool, str | None], None]
 """Called after each transaction with ``(duration, committed, failed, function)``."""
@@ -167,7 +177,7 @@ class Stats:
             if slow:
                 self.slow += 1
             if function is not None:
-                self._function_locked(function, duration, failed)
+                function = self._function_locked(function, duration, failed)
         if self.listeners:
             self._notify(duration, committed, failed, function)
         return slow
@@ -179,16 +189,24 @@ class Stats:
         with self._lock:
             self._function_locked(function, duration, failed)
 
-    def _function_locked(self, function: str, duration: float, failed: bool) -> None:
+    def _function_locked(self, function: str, duration: float, failed: bool) -> str:
+        """Add one call to ``function``'s figures; return the name it was
+        recorded under (``function``, or :data:`OTHER_FUNCTIONS` once the table
+        holds :data:`FUNCTION_LIMIT` other names)."""
         fs = self.functions.get(function)
         if fs is None:
-            fs = self.functions[function] = _Func()
+            if len(self.functions) - (OTHER_FUNCTIONS in self.functions) >= FUNCTION_LIMIT:
+                function = OTHER_FUNCTIONS
+                fs = self.functions.get(function)
+            if fs is None:
+                fs = self.functions[function] = _Func()
         fs.calls += 1
         fs.total += duration
         if duration > fs.max:
             fs.max = duration
         if failed:
             fs.failures += 1
+        return function
 
     def savepoint_ended(self, *, rolled_back: bool) -> None:
         with self._lock:
