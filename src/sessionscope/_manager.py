@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _backend, _core, _watch
+from . import _backend, _core, _poolwait, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
 from ._config import SessionConfig, validate_overrides
 from ._decorate import options_key
@@ -122,9 +122,9 @@ class SessionManager:
         self._engine_hooks: list[Callable[[str, Engine], None]] = []
         self.name = name or _backend.safe_url(self.url)
         if engine is not None:
-            _backend.apply_sqlite_savepoint_recipe(engine)
+            self._prepare_engine(engine)
         if async_engine is not None:
-            _backend.apply_sqlite_savepoint_recipe(async_engine.sync_engine)
+            self._prepare_engine(async_engine.sync_engine)
         self._router: Router | None = None
         if replicas is not None or async_replicas is not None:
             self._router = Router(
@@ -168,7 +168,7 @@ class SessionManager:
                 engine = self._engine
                 if engine is None:
                     engine = create_engine(self.url, **self._engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine)
+                    self._prepare_engine(engine)
                     self._engine_created("sync", engine)
                     self._engine = engine
         return engine
@@ -182,7 +182,7 @@ class SessionManager:
                 engine = self._async_engine
                 if engine is None:
                     engine = create_async_engine(self.async_url, **self._engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine.sync_engine)
+                    self._prepare_engine(engine.sync_engine)
                     self._engine_created("async", engine.sync_engine)
                     self._async_engine = engine
         return engine
@@ -204,6 +204,10 @@ class SessionManager:
                 self.async_engine, **self._factory_kw(True)
             )
         return factory
+
+    def _prepare_engine(self, engine: Engine) -> None:
+        _backend.apply_sqlite_savepoint_recipe(engine)
+        _poolwait.install(engine, self.stats)
 
     def _factory_kw(self, is_async: bool) -> dict[str, Any]:
         kw = dict(self._session_options)

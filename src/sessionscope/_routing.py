@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
-from . import _backend
+from . import _backend, _poolwait
 
 if TYPE_CHECKING:
     from ._config import SessionConfig
@@ -212,6 +212,7 @@ class Router:
                 "replicas= out to read from the primary"
             )
         backend = manager.url.get_backend_name()
+        self._manager = manager
         self._replicas: list[_Replica] = []
         for i in range(count):
             replica = _Replica(
@@ -228,7 +229,6 @@ class Router:
                 if engine is not None:
                     self._watch_replica(replica, engine)
             self._replicas.append(replica)
-        self._manager = manager
         self.selection = selection
         self.read_your_writes = float(read_your_writes)
         self.cooldown = float(cooldown)
@@ -284,6 +284,7 @@ class Router:
     def _watch_replica(self, replica: _Replica, engine: Engine | AsyncEngine) -> None:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         _backend.apply_sqlite_savepoint_recipe(sync_engine)
+        _poolwait.install(sync_engine, self._manager.stats)
 
         def _on_error(ctx: ExceptionContext) -> None:
             # A failure with no connection is a failed connect (a pre-ping failure
