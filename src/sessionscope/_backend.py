@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SQLITE_URL",
     "apply_sqlite_savepoint_recipe",
     "async_url_for",
+    "autocommit_reader_options",
     "begin_statements",
     "default_url",
     "guard_read_only",
@@ -191,6 +192,73 @@ def begin_statements(engine: Engine, *, timeout: float | None, read_only: bool) 
         # Applies to the next transaction only, which starts with the next statement.
         statements.append("SET TRANSACTION READ ONLY")
     return statements
+
+
+_READ_ONLY_INIT: Final = "SET SESSION TRANSACTION READ ONLY"
+
+
+def autocommit_reader_options(url: URL, engine_options: dict[str, Any]) -> dict[str, Any]:
+    """Engine options for the pool of ``snapshot=False`` read-only scopes: the
+    manager's own options, every connection in autocommit, and the server told
+    once per connection, when it is made, to refuse writes
+    (``default_transaction_read_only`` on PostgreSQL, ``SET SESSION TRANSACTION
+    READ ONLY`` on MariaDB/MySQL). Nothing is sent per scope.
+
+    Raises ``ValueError`` for a driver whose connection settings are unknown
+    here, and when the connection arguments already set what is needed.
+    """
+    options = dict(engine_options)
+    connect_args = dict(options.get("connect_args") or {})
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql" and driver == "asyncpg":
+        settings = dict(connect_args.get("server_settings") or {})
+        settings["default_transaction_read_only"] = "on"
+        connect_args["server_settings"] = settings
+    elif backend == "postgresql" and driver in ("psycopg", "psycopg_async", "psycopg2"):
+        extra = "-c default_transaction_read_only=on"
+        current = connect_args.get("options")
+        connect_args["options"] = f"{current} {extra}" if current else extra
+    elif backend in ("mysql", "mariadb") and driver in ("pymysql", "aiomysql", "mysqldb"):
+        if connect_args.get("init_command"):
+            raise ValueError(
+                "snapshot=False needs the connection's init_command for SET SESSION "
+                "TRANSACTION READ ONLY, and connect_args already sets one; drop "
+                "snapshot=False or the init_command"
+            )
+        connect_args["init_command"] = _READ_ONLY_INIT
+    else:
+        raise ValueError(
+            f"snapshot=False is not supported with the {backend}+{driver} driver (known: "
+            "psycopg, psycopg2, asyncpg, pymysql, aiomysql, mysqldb); drop snapshot=False"
+        )
+    options["connect_args"] = connect_args
+    options["isolation_level"] = "AUTOCOMMIT"
+    return options
+
+
+def skip_idle_commit(engine: Engine) -> None:
+    """On a MariaDB/MySQL engine whose connections are all in autocommit, send
+    neither COMMIT nor the pool's ROLLBACK when the server says no transaction is
+    open (the driver would send them anyway: two round trips for nothing).
+    PostgreSQL drivers skip them on their own."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return
+    for name in ("do_commit", "do_rollback"):
+        setattr(engine.dialect, name, _unless_idle(getattr(engine.dialect, name)))
+
+
+def _unless_idle(base: Callable[[Any], None]) -> Callable[[Any], None]:
+    def call(connection: Any) -> None:
+        raw = getattr(connection, "dbapi_connection", connection)
+        status = getattr(raw, "server_status", None)
+        if status is None:  # SQLAlchemy's adapter of an asyncio driver
+            status = getattr(getattr(raw, "_connection", None), "server_status", None)
+        # SERVER_STATUS_IN_TRANS, as the server reported it with its last reply.
+        if isinstance(status, int) and not status & 1:
+            return
+        base(connection)
+
+    return call
 
 
 _mysql_reset_installed: weakref.WeakSet[Engine] = weakref.WeakSet()

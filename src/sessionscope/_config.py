@@ -63,6 +63,11 @@ class SessionConfig:
     read_only: bool = False
     """Refuse writes (before they reach the server) and, where the backend can,
     open a read-only transaction."""
+    snapshot: bool = True
+    """With ``read_only=True``: ``False`` runs each statement on its own, in
+    autocommit, on a connection the server keeps read-only (PostgreSQL,
+    MariaDB/MySQL): no BEGIN and COMMIT round trips, but the statements of the
+    scope do not share one snapshot. No effect on SQLite. See the guide."""
     isolation_level: str | None = None
     """Transaction isolation for a scope that opens its own session."""
     timeout: float | None = None
@@ -83,6 +88,7 @@ class SessionConfig:
             "auto_rollback",
             "enable_monitoring",
             "read_only",
+            "snapshot",
             "durable",
             "expire_on_commit",
         ):
@@ -113,6 +119,19 @@ class SessionConfig:
             )
         if self.isolation_level is not None and not isinstance(self.isolation_level, str):
             raise TypeError(f"isolation_level must be a str or None, got {self.isolation_level!r}")
+        if not self.snapshot:
+            if not self.read_only:
+                raise ValueError(
+                    "snapshot=False needs read_only=True: statements that each commit on "
+                    "their own cannot make a write atomic; add read_only=True or drop "
+                    "snapshot=False"
+                )
+            if self.isolation_level is not None or self.timeout is not None:
+                raise ValueError(
+                    "snapshot=False runs each statement in autocommit, outside any "
+                    "transaction, so isolation_level= and timeout= cannot apply; drop "
+                    "them or drop snapshot=False"
+                )
 
     @property
     def log_levelno(self) -> int:

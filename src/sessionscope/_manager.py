@@ -106,6 +106,8 @@ class SessionManager:
         self._sync_factory: sessionmaker[Session] | None = None
         self._async_factory: async_sessionmaker[AsyncSession] | None = None
         self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
+        # Pools of snapshot=False read-only scopes, by is_async (created on first use).
+        self._readers: dict[bool, Engine | AsyncEngine] = {}
         self._config = config if config is not None else SessionConfig()
         # expire_on_commit lives in the config (overridable per scope); a value
         # given in session_options is the manager's default for it.
@@ -276,10 +278,20 @@ class SessionManager:
             is_async,
             cfg.isolation_level,
             cfg.read_only,
+            cfg.snapshot,
             cfg.expire_on_commit,
             cfg.timeout,
         )
         kw = self._session_kw.get(cache_key)
+        if kw is None and not cfg.snapshot and sync_engine.dialect.name != "sqlite":
+            # Config validation ruled out isolation_level and timeout here.
+            kw = {
+                "expire_on_commit": cfg.expire_on_commit,
+                "bind": self._reader(is_async),
+                "_statements": [],
+            }
+            if len(self._session_kw) < _CACHE_LIMIT:
+                self._session_kw[cache_key] = kw
         if kw is None:
             options: dict[str, Any] = {}
             if cfg.isolation_level is not None:
@@ -298,6 +310,29 @@ class SessionManager:
             if len(self._session_kw) < _CACHE_LIMIT:
                 self._session_kw[cache_key] = kw
         return kw
+
+    def _reader(self, is_async: bool) -> Engine | AsyncEngine:
+        """The engine of ``snapshot=False`` read-only scopes: a pool of its own
+        whose connections are in autocommit and read-only on the server (see
+        :func:`_backend.autocommit_reader_options`)."""
+        reader = self._readers.get(is_async)
+        if reader is None:
+            with self._lock:
+                reader = self._readers.get(is_async)
+                if reader is None:
+                    url = self.async_url if is_async else self.url
+                    options = _backend.autocommit_reader_options(url, self._engine_options)
+                    if is_async:
+                        reader = create_async_engine(url, **options)
+                        sync_engine = reader.sync_engine
+                    else:
+                        reader = sync_engine = create_engine(url, **options)
+                    _backend.skip_idle_commit(sync_engine)
+                    self._prepare_engine(sync_engine)
+                    role = "async_reader" if is_async else "reader"
+                    self._engine_created(role, sync_engine)
+                    self._readers[is_async] = reader
+        return reader
 
     # -- configuration ---------------------------------------------------------
 
@@ -509,6 +544,10 @@ class SessionManager:
             engines["sync"] = self._engine
         if self._async_engine is not None:
             engines["async"] = self._async_engine.sync_engine
+        for is_async, reader in self._readers.items():
+            engines["async_reader" if is_async else "reader"] = (
+                reader.sync_engine if isinstance(reader, AsyncEngine) else reader
+            )
         if self._router is not None:
             engines.update(self._router.engines_by_role())
         return engines
@@ -575,6 +614,9 @@ class SessionManager:
         :meth:`adispose`)."""
         if self._engine is not None:
             self._engine.dispose()
+        reader = self._readers.get(False)
+        if isinstance(reader, Engine):
+            reader.dispose()
         if self._router is not None:
             self._router.dispose()
 
@@ -582,6 +624,9 @@ class SessionManager:
         """Close the pooled connections of both engines (and of the replicas)."""
         if self._async_engine is not None:
             await self._async_engine.dispose()
+        reader = self._readers.get(True)
+        if isinstance(reader, AsyncEngine):
+            await reader.dispose()
         if self._router is not None:
             await self._router.adispose()
         self.dispose()
