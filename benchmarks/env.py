@@ -54,10 +54,12 @@ class Env:
     PostgreSQL URL). Async objects are created in :meth:`setup_async`, inside the
     event loop that will use them."""
 
-    def __init__(self, backend: str, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, backend: str, url: str, *, pool_size: int = 10, tag: str = "") -> None:
         self.backend = backend
         self.url = url
-        table = f"ss_bench_rows_{os.getpid()}" if backend == "postgresql" else "ss_bench_rows"
+        table = (
+            f"ss_bench_rows_{os.getpid()}{tag}" if backend == "postgresql" else "ss_bench_rows"
+        )
         self.Base, self.Row = make_model(table)
         options: dict[str, Any] = {}
         if backend == "postgresql":

@@ -41,6 +41,8 @@ LABELS = {
     "sessionscope": "sessionscope scope",
     "scope": "sessionscope scope",
     "decorator": "sessionscope decorator",
+    "readonly_autocommit": "sessionscope read_only, snapshot=False",
+    "readonly_snapshot": "sessionscope read_only (one transaction)",
     "monitoring_on": "sessionscope, monitoring on",
     "monitoring_off": "sessionscope, monitoring off",
     "fastapi_async_sqlalchemy": "fastapi-async-sqlalchemy",
@@ -53,6 +55,7 @@ _NO_SYNC = "no sync API (async only)"
 _NO_DECORATOR = "no transaction decorator"
 _NO_PROPAGATION = "no nesting: an inner session context opens a second session, no join/savepoint"
 _NO_MONITORING = "no transaction monitoring to switch"
+_NO_READONLY = "no read-only mode: it runs the read in a transaction, as raw does"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Workload:
     tx_per_unit: int = 1
     throughput: bool = False  # report tx/s and a throughput ratio (higher is better)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    latency: float = 0.0  # seconds added to every round trip by a loopback proxy
 
     def tag(self, variant: str) -> str:
         return f"{self.name}:{variant}"
@@ -500,6 +504,73 @@ def _monitoring_async(env: Env, name: str) -> dict[str, AsyncRunner]:
     }
 
 
+# -- 7. a one-statement read: session.get() by primary key ------------------------------
+# Raw SQLAlchemy reads in a transaction (BEGIN, SELECT, COMMIT: three round trips
+# on PostgreSQL); a snapshot=False scope sends the SELECT alone.
+
+
+def _seed_id(env: Env) -> int:
+    from sqlalchemy import select
+
+    with env.manager.engine.begin() as conn:
+        found = conn.scalar(select(env.Row.id).where(env.Row.name == "readonly-seed"))
+        if found is None:
+            found = conn.scalar(
+                env.Row.__table__.insert().values(name="readonly-seed").returning(env.Row.id)
+            )
+    return int(found)
+
+
+def _readonly_sync(env: Env, name: str) -> dict[str, SyncRunner]:
+    Row, manager, raw = env.Row, env.manager, env.raw
+    row_id = _seed_id(env)
+
+    def raw_run(n: int) -> None:
+        for _ in range(n):
+            with raw.begin() as s:
+                s.get(Row, row_id)
+
+    def scoped(**options: Any) -> SyncRunner:
+        def run(n: int) -> None:
+            scope = manager.session_scope
+            for _ in range(n):
+                with scope(**options) as s:
+                    s.get(Row, row_id)
+
+        return run
+
+    return {
+        "raw": raw_run,
+        "readonly_autocommit": scoped(read_only=True, snapshot=False),
+        "readonly_snapshot": scoped(read_only=True),
+    }
+
+
+def _readonly_async(env: Env, name: str) -> dict[str, AsyncRunner]:
+    Row, manager, raw = env.Row, env.manager, env.araw
+    row_id = _seed_id(env)
+
+    async def raw_run(n: int) -> None:
+        for _ in range(n):
+            async with raw.begin() as s:
+                await s.get(Row, row_id)
+
+    def scoped(**options: Any) -> AsyncRunner:
+        async def run(n: int) -> None:
+            scope = manager.async_session_scope
+            for _ in range(n):
+                async with scope(**options) as s:
+                    await s.get(Row, row_id)
+
+        return run
+
+    return {
+        "raw": raw_run,
+        "readonly_autocommit": scoped(read_only=True, snapshot=False),
+        "readonly_snapshot": scoped(read_only=True),
+    }
+
+
 _PEERS_NO_DECORATOR = {p: _NO_DECORATOR for p in PEERS}
 _PEERS_NO_PROPAGATION = {p: _NO_PROPAGATION for p in PEERS}
 _PEERS_NO_MONITORING = {p: _NO_MONITORING for p in PEERS}
@@ -557,6 +628,19 @@ WORKLOADS: tuple[Workload, ...] = (
     *_pair(
         "monitoring", "6 monitoring", "scope with monitoring on vs off",
         _monitoring_sync, _monitoring_async, not_applicable=_PEERS_NO_MONITORING,
+    ),
+    *(
+        Workload(
+            f"readonly_{mode}_postgresql{suffix}", "7 read-only",
+            f"session.get() by primary key, {mode}, PostgreSQL{title}",
+            mode, "postgresql", build, rows_per_tx=0, latency=latency,
+            not_applicable={p: _NO_READONLY for p in PEERS},
+        )
+        for latency, suffix, title in (
+            (0.0, "", " on loopback"),
+            (0.001, "_1ms", ", 1 ms added to each round trip"),
+        )
+        for mode, build in (("sync", _readonly_sync), ("async", _readonly_async))
     ),
 )
 
