@@ -40,18 +40,22 @@ TARGETS: tuple[dict[str, Any], ...] = (
     {
         "name": "scope overhead, sync, SQLite memory, monitoring on",
         "workload": "insert_sync_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+        "basis": "instructions",
     },
     {
         "name": "scope overhead, async, SQLite memory, monitoring on",
         "workload": "insert_async_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+        "basis": "instructions",
     },
     {
         "name": "decorator overhead, sync, SQLite memory",
         "workload": "decorator_sync_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+        "basis": "instructions",
     },
     {
         "name": "decorator overhead, async, SQLite memory",
         "workload": "decorator_async_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+        "basis": "instructions",
     },
     {
         "name": "throughput, 200 async tasks, PostgreSQL pool 10",
@@ -314,17 +318,22 @@ def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[fl
 
 
 def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each SPEC target with its wall-clock and instruction ratios; ``met`` is True
-    only if every figure available meets it (None when nothing was measured)."""
+    """Each target with its wall-clock and instruction ratios; ``met`` is True only
+    if every figure available meets it (None when nothing was measured). A target
+    with ``basis: instructions`` (the SQLite overhead targets of issue 13, which
+    wall clock on a shared 2-core machine cannot resolve to a per cent) is judged
+    on the instruction ratio, the wall-clock one shown beside it."""
     results = []
     for target in TARGETS:
         row: dict[str, Any] = dict(target)
         entry = out.get(target["workload"], {})
         fig = entry.get("variants", {}).get(target["variant"])
         checks: list[bool] = []
+        by_instructions = target.get("basis") == "instructions"
         if fig is not None and target.get("field", "ratio") in fig:
             row["wall"] = fig[target.get("field", "ratio")]
-            checks.append(_meets(row["wall"], target))
+            if not (by_instructions and "instructions_ratio" in fig):
+                checks.append(_meets(row["wall"], target))
             if "instructions_ratio" in fig:
                 row["instructions"] = fig["instructions_ratio"]
                 checks.append(_meets(fig["instructions_ratio"], target))

@@ -28,8 +28,9 @@ __all__ = [
     "autocommit_reader_options",
     "begin_statements",
     "default_url",
-    "guard_read_only",
+    "open_read_only",
     "pool_status",
+    "read_only_class",
     "safe_url",
     "sync_url_for",
 ]
@@ -305,26 +306,60 @@ def install_begin_statements(session: Session, statements: list[str]) -> None:
     event.listen(session, "after_begin", _after_begin)
 
 
-def guard_read_only(session: Session) -> None:
-    """Refuse ORM writes in ``session`` before they reach the server."""
+def _refuse_flush(sess: Session, flush_context: Any, instances: Any) -> None:
+    if sess.new or sess.deleted or sess.dirty:
+        raise ReadOnlyError(
+            "this scope is read_only=True, but the session has pending changes "
+            f"({len(sess.new)} new, {len(sess.dirty)} changed, {len(sess.deleted)} "
+            "deleted objects); nothing was sent. Write in a scope without read_only."
+        )
 
-    def _before_flush(sess: Session, flush_context: Any, instances: Any) -> None:
-        if sess.new or sess.deleted or sess.dirty:
-            raise ReadOnlyError(
-                "this scope is read_only=True, but the session has pending changes "
-                f"({len(sess.new)} new, {len(sess.dirty)} changed, {len(sess.deleted)} "
-                "deleted objects); nothing was sent. Write in a scope without read_only."
-            )
 
-    def _do_orm_execute(state: ORMExecuteState) -> None:
-        if state.is_insert or state.is_update or state.is_delete:
-            raise ReadOnlyError(
-                "this scope is read_only=True, but an INSERT/UPDATE/DELETE was executed "
-                "in it; nothing was sent. Write in a scope without read_only."
-            )
+def _refuse_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        raise ReadOnlyError(
+            "this scope is read_only=True, but an INSERT/UPDATE/DELETE was executed "
+            "in it; nothing was sent. Write in a scope without read_only."
+        )
 
-    event.listen(session, "before_flush", _before_flush)
-    event.listen(session, "do_orm_execute", _do_orm_execute)
+
+_GUARDED: Final = "_sessionscope_read_only"
+
+
+def read_only_class(base: type[Session]) -> type[Session]:
+    """A subclass of ``base`` whose sessions refuse ORM writes before they reach
+    the server (pending objects at flush, ORM INSERT/UPDATE/DELETE statements).
+
+    The listeners are on the class, registered once: listening on each session
+    instead costs more than the rest of an empty scope. Made once per ``base``
+    and kept on it (a sessionmaker's own generated class, or the session class
+    given to the manager), so it lives as long as ``base`` does.
+    """
+    cls = _READ_ONLY_SESSION if base is Session else base.__dict__.get(_GUARDED)
+    if cls is None:
+        cls = _guarded_subclass(base)
+        setattr(base, _GUARDED, cls)
+    return cls
+
+
+def _guarded_subclass(base: type[Session]) -> type[Session]:
+    cls = type(base.__name__, (base,), {"__module__": base.__module__})
+    cls.__qualname__ = base.__qualname__
+    event.listen(cls, "before_flush", _refuse_flush)
+    event.listen(cls, "do_orm_execute", _refuse_dml)
+    return cls
+
+
+_READ_ONLY_SESSION: Final = _guarded_subclass(Session)
+
+
+def open_read_only(factory: Any, is_async: bool, **kw: Any) -> Any:
+    """A session from ``factory`` (a ``sessionmaker`` or ``async_sessionmaker``)
+    with ``kw``, of the factory's class made read-only by :func:`read_only_class`."""
+    if is_async:
+        base = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
+        return factory(**kw, sync_session_class=read_only_class(base))
+    return read_only_class(factory.class_)(**{**factory.kw, **kw})
 
 
 def pool_status(engine: Engine | None) -> dict[str, Any]:

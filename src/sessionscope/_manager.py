@@ -255,18 +255,22 @@ class SessionManager:
         if is_async in self._bound:
             # Bound sessions share a transaction that is already open (bound_to()):
             # per-transaction server settings cannot apply; the ORM guard still can.
-            session = factory(expire_on_commit=cfg.expire_on_commit)
             if cfg.read_only:
-                _backend.guard_read_only(session.sync_session if is_async else session)
-            return session
+                return _backend.open_read_only(
+                    factory, is_async, expire_on_commit=cfg.expire_on_commit
+                )
+            return factory(expire_on_commit=cfg.expire_on_commit)
         kw = self._options_kw(cfg, engine, is_async)
         statements = kw["_statements"]
-        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
-        sync_session = session.sync_session if is_async else session
-        if statements:
-            _backend.install_begin_statements(sync_session, statements)
+        session_kw = {k: v for k, v in kw.items() if k != "_statements"}
         if cfg.read_only:
-            _backend.guard_read_only(sync_session)
+            session = _backend.open_read_only(factory, is_async, **session_kw)
+        else:
+            session = factory(**session_kw)
+        if statements:
+            _backend.install_begin_statements(
+                session.sync_session if is_async else session, statements
+            )
         return session
 
     def _options_kw(self, cfg: SessionConfig, engine: Any, is_async: bool) -> dict[str, Any]:
