@@ -111,12 +111,10 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
     ys = list(range(len(rows)))[::-1]
     colour = [colours.get(r[3], "#2b8cbe") for r in rows]
     axes[0].barh(ys, [r[1] for r in rows], color=colour)
-    axes[0].set_title(
-        "wall clock per transaction vs plain raw SQLAlchemy = 1.0 (median of rounds)"
-    )
+    axes[0].set_title("wall clock per tx vs plain raw = 1.0 (median of rounds)", fontsize=9)
     instr = [r[2] if r[2] is not None else 0.0 for r in rows]
     axes[1].barh(ys, instr, color=colour)
-    axes[1].set_title("instructions per transaction vs plain raw (callgrind, SQLite memory)")
+    axes[1].set_title("instructions per tx vs plain raw (callgrind, SQLite memory)", fontsize=9)
     for ax in axes:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("x raw (lower is better)")
