@@ -1,10 +1,14 @@
 """One database as every contender sees it: the sessionscope managers, the raw
-SQLAlchemy factories and the peers' objects, all on the *same* engines.
+SQLAlchemy factories and the peers' objects.
 
-The raw factories are built on the manager's engines on purpose: on SQLite the
-manager installs SQLAlchemy's BEGIN recipe (needed for savepoints), which adds an
-explicit ``BEGIN`` per transaction; sharing the engine makes every contender pay
-it, so the ratios measure session handling only.
+The reference, ``raw``, is what a user writes without sessionscope: a
+``sessionmaker`` on a plain ``create_engine`` of the same URL and pool options.
+On SQLite the manager installs the BEGIN recipe on its engines (an explicit
+``BEGIN`` per transaction, needed for real savepoints and transactional reads),
+so ``raw_recipe``, raw SQLAlchemy on the manager's engine, is measured beside it:
+the difference between the two is the price of the recipe, the difference
+between ``raw_recipe`` and the scope the price of session handling. The peers
+run on the manager's engines.
 
 Every contender uses ``expire_on_commit=False`` (sessionscope's default), so
 they do the same work after COMMIT.
@@ -16,8 +20,9 @@ import functools
 import os
 from typing import Any
 
-from sqlalchemy import String, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy import String, create_engine, delete, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sessionscope import SessionConfig, SessionManager
@@ -49,16 +54,21 @@ class Env:
     PostgreSQL URL). Async objects are created in :meth:`setup_async`, inside the
     event loop that will use them."""
 
-    def __init__(self, backend: str, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, backend: str, url: str, *, pool_size: int = 10, tag: str = "") -> None:
         self.backend = backend
         self.url = url
-        table = f"ss_bench_rows_{os.getpid()}" if backend == "postgresql" else "ss_bench_rows"
+        table = (
+            f"ss_bench_rows_{os.getpid()}{tag}" if backend == "postgresql" else "ss_bench_rows"
+        )
         self.Base, self.Row = make_model(table)
         options: dict[str, Any] = {}
         if backend == "postgresql":
             # SPEC section 5: pool of 10 and no overflow, so 200 tasks queue for it.
             options = {"pool_size": pool_size, "max_overflow": 0}
         self.manager = SessionManager(url, **options)
+        self._options = options
+        self.plain_engine: Engine | None = None
+        self.plain_async_engine: AsyncEngine | None = None
         self._sync_ready = False
         self._async_ready = False
         self._server_table = False
@@ -69,15 +79,28 @@ class Env:
         if self._sync_ready:
             return
         engine = self.manager.engine
+        self.plain_engine = plain = create_engine(self.url, **self._options)
         if self.backend == "sqlite" or not self._server_table:
             self.Base.metadata.drop_all(engine)
             self.Base.metadata.create_all(engine)
             self._server_table = self.backend != "sqlite"
+        if self.backend == "sqlite":  # a database of its own (in memory)
+            self.Base.metadata.create_all(plain)
         self.quiet = SessionManager(
             engine=engine, config=SessionConfig(enable_monitoring=False)
         )
-        self.raw: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+        self.raw: sessionmaker[Session] = sessionmaker(plain, expire_on_commit=False)
+        self.raw_recipe: sessionmaker[Session] | None = (
+            sessionmaker(engine, expire_on_commit=False) if self.backend == "sqlite" else None
+        )
         self._sync_ready = True
+
+    def _sync_engines(self) -> list[Engine]:
+        """Engines holding rows: the manager's and, on SQLite, the plain one."""
+        engines = [self.manager.engine]
+        if self.backend == "sqlite" and self.plain_engine is not None:
+            engines.append(self.plain_engine)
+        return engines
 
     @functools.cached_property
     def aa_sync(self) -> Any:
@@ -93,14 +116,18 @@ class Env:
     def clear_sync(self) -> None:
         """Empty the table (SQLite truncates), so a measurement starts from the same
         table as the one before it: a growing B-tree makes later inserts dearer."""
-        with self.manager.engine.begin() as conn:
-            conn.execute(delete(self.Row))
+        for engine in self._sync_engines():
+            with engine.begin() as conn:
+                conn.execute(delete(self.Row))
 
     def count_sync(self, tag: str) -> int:
-        with self.manager.engine.connect() as conn:
-            return int(
-                conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
-            )
+        total = 0
+        for engine in self._sync_engines():
+            with engine.connect() as conn:
+                total += int(
+                    conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
+                )
+        return total
 
     # -- async -----------------------------------------------------------------
 
@@ -108,17 +135,34 @@ class Env:
         if self._async_ready:
             return
         engine: AsyncEngine = self.manager.async_engine
+        self.plain_async_engine = plain = create_async_engine(
+            self.manager.async_url, **self._options
+        )
         if self.backend == "sqlite" or not self._server_table:
             # On SQLite the async engine has its own in-memory database.
             async with engine.begin() as conn:
                 await conn.run_sync(self.Base.metadata.drop_all)
                 await conn.run_sync(self.Base.metadata.create_all)
             self._server_table = self.backend != "sqlite"
+        if self.backend == "sqlite":
+            async with plain.begin() as conn:
+                await conn.run_sync(self.Base.metadata.create_all)
         self.quiet_async = SessionManager(
             async_engine=engine, config=SessionConfig(enable_monitoring=False)
         )
-        self.araw = async_sessionmaker(engine, expire_on_commit=False)
+        self.araw = async_sessionmaker(plain, expire_on_commit=False)
+        self.araw_recipe = (
+            async_sessionmaker(engine, expire_on_commit=False)
+            if self.backend == "sqlite"
+            else None
+        )
         self._async_ready = True
+
+    def _async_engines(self) -> list[AsyncEngine]:
+        engines = [self.manager.async_engine]
+        if self.backend == "sqlite" and self.plain_async_engine is not None:
+            engines.append(self.plain_async_engine)
+        return engines
 
     @functools.cached_property
     def aa_async(self) -> Any:
@@ -137,14 +181,18 @@ class Env:
 
     async def clear_async(self) -> None:
         """Async twin of :meth:`clear_sync`."""
-        async with self.manager.async_engine.begin() as conn:
-            await conn.execute(delete(self.Row))
+        for engine in self._async_engines():
+            async with engine.begin() as conn:
+                await conn.execute(delete(self.Row))
 
     async def count_async(self, tag: str) -> int:
-        async with self.manager.async_engine.connect() as conn:
-            return int(
-                await conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
-            )
+        total = 0
+        for engine in self._async_engines():
+            async with engine.connect() as conn:
+                total += int(
+                    await conn.scalar(select(func.count()).where(self.Row.name == tag)) or 0
+                )
+        return total
 
     # -- teardown ----------------------------------------------------------------
 
@@ -154,7 +202,10 @@ class Env:
             async with self.manager.async_engine.begin() as conn:
                 await conn.run_sync(self.Base.metadata.drop_all)
             self._server_table = False
+        if self.plain_async_engine is not None:
+            await self.plain_async_engine.dispose()
         await self.manager.adispose()
+        self.dispose_plain()
 
     def close(self) -> None:
         """Sync twin of :meth:`aclose` for runs that never used the async engine."""
@@ -162,6 +213,11 @@ class Env:
             self.Base.metadata.drop_all(self.manager.engine)
             self._server_table = False
         self.manager.dispose()
+        self.dispose_plain()
+
+    def dispose_plain(self) -> None:
+        if self.plain_engine is not None:
+            self.plain_engine.dispose()
 
 
 def _fastapi_async_sqlalchemy_db(engine: AsyncEngine) -> Any:

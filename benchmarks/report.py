@@ -104,16 +104,17 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
         "fastapi_async_sqlalchemy": "#8c6bb1",
         "advanced_alchemy": "#e6842a",
         "raw_close": "#999999",
+        "raw_recipe": "#cccccc",
     }
     height = max(4.0, 0.28 * len(rows) + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
     ys = list(range(len(rows)))[::-1]
     colour = [colours.get(r[3], "#2b8cbe") for r in rows]
     axes[0].barh(ys, [r[1] for r in rows], color=colour)
-    axes[0].set_title("wall clock per transaction vs raw SQLAlchemy (median of rounds)")
+    axes[0].set_title("wall clock per tx vs plain raw = 1.0 (median of rounds)", fontsize=9)
     instr = [r[2] if r[2] is not None else 0.0 for r in rows]
     axes[1].barh(ys, instr, color=colour)
-    axes[1].set_title("instructions per transaction vs raw (callgrind, SQLite memory)")
+    axes[1].set_title("instructions per tx vs plain raw (callgrind, SQLite memory)", fontsize=9)
     for ax in axes:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("x raw (lower is better)")
@@ -123,6 +124,7 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
     from matplotlib.patches import Patch
 
     legend = [Patch(color="#2b8cbe", label="sessionscope")]
+    legend.append(Patch(facecolor="white", edgecolor="black", label="plain raw SQLAlchemy = 1.0"))
     legend += [
         Patch(color=colour, label=LABELS[key]) for key, colour in colours.items()
     ]
@@ -195,8 +197,40 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_memory_markdown(doc: dict[str, Any]) -> str:
+    """The tables of ``python -m benchmarks.memory`` as Markdown."""
+    lines = []
+    labels = doc.get("labels", LABELS)
+    if "workloads" in doc:
+        lines += [
+            "| workload | contender | allocated at the high point of a transaction | vs "
+            "plain raw | retained per tx | peak RSS |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, figures in doc["workloads"].items():
+            for variant, fig in figures.items():
+                lines.append(
+                    f"| {name} | {labels.get(variant, variant)} | "
+                    f"{fig['alloc_peak_bytes_per_tx']:,} B | {fig.get('alloc_vs_raw', 0):.3f}x | "
+                    f"{fig['retained_bytes_per_tx']:.1f} B | {fig['peak_rss_mib']:.1f} MiB |"
+                )
+    bounded = doc.get("bounded_stats")
+    if bounded:
+        lines += [
+            "",
+            f"{bounded['transactions']:,} transactions across {bounded['functions']:,} "
+            f"decorated functions ({bounded['seconds']} s): RSS "
+            + ", ".join(f"{s['rss_mib']:.1f}" for s in bounded["samples"])
+            + f" MiB at each tenth; {bounded['functions_in_stats']} entries in the "
+            f"per-function table (limit {bounded['function_limit']} + `<other>`); growth "
+            f"after the first pass {bounded['rss_growth_after_first_pass_mib']} MiB.",
+        ]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 
     source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latest.json")
-    print(render_markdown(json.loads(source.read_text())))
+    loaded = json.loads(source.read_text())
+    print(render_memory_markdown(loaded) if "meta" not in loaded else render_markdown(loaded))

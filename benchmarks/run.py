@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from . import callgrind, report
 from .env import Env
 from .harness import Measurement, Plan, measure_async, measure_sync, summarize
+from .proxy import Proxy
 from .workloads import LABELS, PEERS, WORKLOADS, Workload
 
 __all__ = ["main"]
@@ -39,24 +40,45 @@ TARGETS: tuple[dict[str, Any], ...] = (
     {
         "name": "scope overhead, sync, SQLite memory, monitoring on",
         "workload": "insert_sync_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+        "basis": "instructions",
     },
     {
         "name": "scope overhead, async, SQLite memory, monitoring on",
         "workload": "insert_async_sqlite", "variant": "sessionscope", "op": "<=", "limit": 1.03,
+        "basis": "instructions",
     },
     {
         "name": "decorator overhead, sync, SQLite memory",
         "workload": "decorator_sync_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+        "basis": "instructions",
     },
     {
         "name": "decorator overhead, async, SQLite memory",
         "workload": "decorator_async_sqlite", "variant": "decorator", "op": "<=", "limit": 1.05,
+        "basis": "instructions",
     },
     {
         "name": "throughput, 200 async tasks, PostgreSQL pool 10",
         "workload": "concurrent_async_postgresql", "variant": "sessionscope",
         "op": ">=", "limit": 1.25,
     },
+    {
+        "name": "throughput vs commit() + close() by hand, same rounds",
+        "workload": "concurrent_async_postgresql", "variant": "sessionscope",
+        "op": ">=", "limit": 0.98, "field": "vs_raw_close",
+    },
+    *(
+        {
+            "name": f"read_only snapshot=False session.get(), {mode}, PostgreSQL{where}",
+            "workload": f"readonly_{mode}_postgresql{suffix}",
+            "variant": "readonly_autocommit", "op": "<=", "limit": limit,
+        }
+        for suffix, where, limit in (
+            ("", " loopback (>= 1.15x faster)", round(1 / 1.15, 4)),
+            ("_1ms", " +1 ms per round trip (>= 2x faster)", 0.5),
+        )
+        for mode in ("sync", "async")
+    ),
 )
 
 
@@ -183,6 +205,14 @@ def _finish(
     entry["rounds"] = m.rounds
     entry["units"] = m.units
     entry["variants"] = summarize(m, workload.throughput)
+    if "raw_close" in m.per_tx and "sessionscope" in m.per_tx:
+        # The hand-written ceiling, measured in the same rounds: the median of the
+        # per-round throughput ratios of the scope to it.
+        ratios = [
+            ceiling / scope
+            for scope, ceiling in zip(m.per_tx["sessionscope"], m.per_tx["raw_close"], strict=True)
+        ]
+        entry["variants"]["sessionscope"]["vs_raw_close"] = round(statistics.median(ratios), 4)
     problems = []
     for variant, found in rows.items():
         expected = m.tx_done[variant] * workload.rows_per_tx
@@ -229,21 +259,43 @@ async def _run_async(
 
 async def _async_phase(
     sqlite_env: Env | None,
-    pg_env: Env | None,
+    pg_runs: list[tuple[Env, list[Workload]]],
     sqlite_wl: list[Workload],
-    pg_wl: list[Workload],
     plans: dict[str, Plan],
     out: dict[str, Any],
 ) -> None:
     if sqlite_env is not None and sqlite_wl:
         await _run_async(sqlite_env, sqlite_wl, plans, out)
         await sqlite_env.aclose()
-    if pg_env is not None:
+    for pg_env, pg_wl in pg_runs:
         try:
             if pg_wl:
                 await _run_async(pg_env, pg_wl, plans, out)
         finally:
             await pg_env.aclose()
+
+
+def _added_latency(direct: str, proxied: str, n: int = 200) -> dict[str, float]:
+    """Median time of a ``SELECT 1`` round trip straight to the server and through
+    the proxy, in microseconds: what the proxy really adds (its timer has about
+    a millisecond's granularity)."""
+    medians = {}
+    for label, url in (("direct_us", direct), ("proxied_us", proxied)):
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    cursor.execute("SELECT 1")
+                    cursor.fetchall()
+                    times.append(time.perf_counter() - t0)
+                medians[label] = round(statistics.median(times) * 1e6, 1)
+        finally:
+            engine.dispose()
+    medians["added_us"] = round(medians["proxied_us"] - medians["direct_us"], 1)
+    return medians
 
 
 def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[float]]]) -> None:
@@ -266,17 +318,22 @@ def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[fl
 
 
 def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each SPEC target with its wall-clock and instruction ratios; ``met`` is True
-    only if every figure available meets it (None when nothing was measured)."""
+    """Each target with its wall-clock and instruction ratios; ``met`` is True only
+    if every figure available meets it (None when nothing was measured). A target
+    with ``basis: instructions`` (the SQLite overhead targets of issue 13, which
+    wall clock on a shared 2-core machine cannot resolve to a per cent) is judged
+    on the instruction ratio, the wall-clock one shown beside it."""
     results = []
     for target in TARGETS:
         row: dict[str, Any] = dict(target)
         entry = out.get(target["workload"], {})
         fig = entry.get("variants", {}).get(target["variant"])
         checks: list[bool] = []
-        if fig is not None:
-            row["wall"] = fig["ratio"]
-            checks.append(_meets(fig["ratio"], target))
+        by_instructions = target.get("basis") == "instructions"
+        if fig is not None and target.get("field", "ratio") in fig:
+            row["wall"] = fig[target.get("field", "ratio")]
+            if not (by_instructions and "instructions_ratio" in fig):
+                checks.append(_meets(row["wall"], target))
             if "instructions_ratio" in fig:
                 row["instructions"] = fig["instructions_ratio"]
                 checks.append(_meets(fig["instructions_ratio"], target))
@@ -355,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, dict[str, Any]] = {w.name: _entry(w) for w in selected}
 
     pg_wanted = [w for w in selected if w.backend == "postgresql"]
-    pg_env: Env | None = None
+    pg_envs: dict[float, Env] = {}  # by latency added
+    proxies: list[Proxy] = []
     if pg_wanted:
         reason = "--no-postgresql given" if args.no_postgresql else None
         if reason is None:
@@ -366,7 +424,19 @@ def main(argv: list[str] | None = None) -> int:
                 out[w.name]["skipped"] = reason
             pg_wanted = []
         else:
-            pg_env = Env("postgresql", args.pg_url)
+            for latency in sorted({w.latency for w in pg_wanted}):
+                url = args.pg_url
+                if latency:
+                    target = make_url(args.pg_url)
+                    proxy = Proxy(target.host or "127.0.0.1", target.port or 5432, delay=latency)
+                    proxies.append(proxy.start())
+                    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(
+                        hide_password=False
+                    )
+                    meta.setdefault("latency_proxy", {})[str(latency)] = _added_latency(
+                        args.pg_url, url
+                    )
+                pg_envs[latency] = Env("postgresql", url, tag=f"_{round(latency * 1e6)}us")
     meta["postgresql_url"] = make_url(args.pg_url).render_as_string(hide_password=True)
 
     print(f"sessionscope benchmarks ({profile}), {len(selected)} workload(s)", flush=True)
@@ -376,23 +446,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sqlite_env is not None and sqlite_sync:
             _run_sync(sqlite_env, sqlite_sync, plans, out)
-        if pg_env is not None:
-            pg_sync = [w for w in pg_wanted if w.mode == "sync"]
+        for latency, pg_env in pg_envs.items():
+            pg_sync = [w for w in pg_wanted if w.mode == "sync" and w.latency == latency]
             if pg_sync:
                 _run_sync(pg_env, pg_sync, plans, out)
         asyncio.run(
             _async_phase(
                 sqlite_env,
-                pg_env,
+                [
+                    (env, [w for w in pg_wanted if w.mode == "async" and w.latency == latency])
+                    for latency, env in pg_envs.items()
+                ],
                 sqlite_async,
-                [w for w in pg_wanted if w.mode == "async"],
                 plans,
                 out,
             )
         )
     finally:
-        if pg_env is not None:
+        for pg_env in pg_envs.values():
             pg_env.close()
+        for proxy in proxies:
+            proxy.stop()
     meta["machine"]["loadavg_after_wall_clock"] = [round(x, 2) for x in os.getloadavg()]
 
     counted = [w for w in selected if w.backend == "sqlite"]
@@ -415,10 +489,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"  callgrind: counting instructions (N={n} and 2N, {layouts} layout(s))...",
                 flush=True,
             )
-            counts, details = callgrind.count(counted, n, warmup, layouts)
-            details["valgrind"] = callgrind.valgrind_version()
-            meta["callgrind"] = details
-            _apply_instructions(out, counts)
+            try:
+                counts, details = callgrind.count(counted, n, warmup, layouts)
+            except RuntimeError as err:
+                # Keep the wall-clock figures of the run; say why counts are missing.
+                meta["callgrind"] = f"failed: {str(err).splitlines()[0]}"
+                print(f"  callgrind {meta['callgrind']}", file=sys.stderr)
+            else:
+                details["valgrind"] = callgrind.valgrind_version()
+                meta["callgrind"] = details
+                _apply_instructions(out, counts)
     meta["seconds"] = round(time.perf_counter() - started, 1)
 
     doc = {

@@ -5,7 +5,9 @@ but ``concurrent`` a unit is one transaction. Each contender's code is what a
 fluent user of that library writes:
 
 * raw SQLAlchemy: ``with sessionmaker.begin() as s:`` /
-  ``async with async_sessionmaker.begin() as s:``;
+  ``async with async_sessionmaker.begin() as s:`` on a plain ``create_engine``
+  (the reference, ``raw``) and, on SQLite, on the manager's engine, which has the
+  BEGIN recipe (``raw_recipe``);
 * sessionscope: ``with manager.session_scope() as s:`` and the decorators;
 * advanced-alchemy: ``with config.get_session() as s: ...; s.commit()`` (its
   session context manager closes but does not commit);
@@ -33,11 +35,14 @@ AsyncRunner = Callable[[int], Awaitable[None]]
 PEERS = ("fastapi_async_sqlalchemy", "advanced_alchemy")
 
 LABELS = {
-    "raw": "raw SQLAlchemy",
+    "raw": "raw SQLAlchemy (plain engine)",
+    "raw_recipe": "raw SQLAlchemy + SQLite BEGIN recipe",
     "raw_close": "raw, commit() + close() by hand",
     "sessionscope": "sessionscope scope",
     "scope": "sessionscope scope",
     "decorator": "sessionscope decorator",
+    "readonly_autocommit": "sessionscope read_only, snapshot=False",
+    "readonly_snapshot": "sessionscope read_only (one transaction)",
     "monitoring_on": "sessionscope, monitoring on",
     "monitoring_off": "sessionscope, monitoring off",
     "fastapi_async_sqlalchemy": "fastapi-async-sqlalchemy",
@@ -50,6 +55,7 @@ _NO_SYNC = "no sync API (async only)"
 _NO_DECORATOR = "no transaction decorator"
 _NO_PROPAGATION = "no nesting: an inner session context opens a second session, no join/savepoint"
 _NO_MONITORING = "no transaction monitoring to switch"
+_NO_READONLY = "no read-only mode: it runs the read in a transaction, as raw does"
 
 
 @dataclass(frozen=True)
@@ -66,21 +72,34 @@ class Workload:
     tx_per_unit: int = 1
     throughput: bool = False  # report tx/s and a throughput ratio (higher is better)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    latency: float = 0.0  # seconds added to every round trip by a loopback proxy
 
     def tag(self, variant: str) -> str:
         return f"{self.name}:{variant}"
+
+
+def _raws(name: str, raw: Any, raw_recipe: Any, make: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """The raw SQLAlchemy runners: ``raw`` on a plain engine (the reference) and,
+    on SQLite, ``raw_recipe`` on the manager's engine (with the BEGIN recipe)."""
+    runners = {"raw": make(raw, f"{name}:raw")}
+    if raw_recipe is not None:
+        runners["raw_recipe"] = make(raw_recipe, f"{name}:raw_recipe")
+    return runners
 
 
 # -- 1. one trivial ORM insert per transaction -------------------------------------
 
 
 def _insert_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager, aa = env.Row, env.raw, env.manager, env.aa_sync
+    Row, manager, aa = env.Row, env.manager, env.aa_sync
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -95,16 +114,23 @@ def _insert_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 s.add(Row(name=tag))
                 s.commit()
 
-    return {"raw": raw_run, "sessionscope": scope_run, "advanced_alchemy": aa_run}
+    return {
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
+        "sessionscope": scope_run,
+        "advanced_alchemy": aa_run,
+    }
 
 
 def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager, aa, db = env.Row, env.araw, env.manager, env.aa_async, env.fas_db
+    Row, manager, aa, db = env.Row, env.manager, env.aa_async, env.fas_db
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -125,7 +151,7 @@ def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 await s.commit()
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "sessionscope": scope_run,
         "fastapi_async_sqlalchemy": fas_run,
         "advanced_alchemy": aa_run,
@@ -136,12 +162,15 @@ def _insert_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _empty_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    raw, manager, aa = env.raw, env.manager, env.aa_sync
+    manager, aa = env.manager, env.aa_sync
 
-    def raw_run(n: int) -> None:
-        for _ in range(n):
-            with raw.begin():
-                pass
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin():
+                    pass
+
+        return raw_run
 
     def scope_run(n: int) -> None:
         scope = manager.session_scope
@@ -155,16 +184,23 @@ def _empty_sync(env: Env, name: str) -> dict[str, SyncRunner]:
             with get_session() as s:
                 s.commit()
 
-    return {"raw": raw_run, "sessionscope": scope_run, "advanced_alchemy": aa_run}
+    return {
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
+        "sessionscope": scope_run,
+        "advanced_alchemy": aa_run,
+    }
 
 
 def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    raw, manager, aa, db = env.araw, env.manager, env.aa_async, env.fas_db
+    manager, aa, db = env.manager, env.aa_async, env.fas_db
 
-    async def raw_run(n: int) -> None:
-        for _ in range(n):
-            async with raw.begin():
-                pass
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin():
+                    pass
+
+        return raw_run
 
     async def scope_run(n: int) -> None:
         scope = manager.async_session_scope
@@ -184,7 +220,7 @@ def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 await s.commit()
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "sessionscope": scope_run,
         "fastapi_async_sqlalchemy": fas_run,
         "advanced_alchemy": aa_run,
@@ -197,11 +233,14 @@ def _empty_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _decorator_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_fn(tag: str) -> None:
-        with raw.begin() as s:
-            s.add(Row(name=tag))
+    def raw_fn_for(raw: Any) -> Callable[[str], None]:
+        def raw_fn(tag: str) -> None:
+            with raw.begin() as s:
+                s.add(Row(name=tag))
+
+        return raw_fn
 
     def scope_fn(tag: str) -> None:
         with manager.session_scope() as s:
@@ -219,18 +258,21 @@ def _decorator_sync(env: Env, name: str) -> dict[str, SyncRunner]:
         return run
 
     return {
-        "raw": loop(raw_fn, f"{name}:raw"),
+        **_raws(name, env.raw, env.raw_recipe, lambda raw, tag: loop(raw_fn_for(raw), tag)),
         "scope": loop(scope_fn, f"{name}:scope"),
         "decorator": loop(decorated_fn, f"{name}:decorator"),
     }
 
 
 def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_fn(tag: str) -> None:
-        async with raw.begin() as s:
-            s.add(Row(name=tag))
+    def raw_fn_for(raw: Any) -> Callable[[str], Awaitable[None]]:
+        async def raw_fn(tag: str) -> None:
+            async with raw.begin() as s:
+                s.add(Row(name=tag))
+
+        return raw_fn
 
     async def scope_fn(tag: str) -> None:
         async with manager.async_session_scope() as s:
@@ -248,7 +290,7 @@ def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
         return run
 
     return {
-        "raw": loop(raw_fn, f"{name}:raw"),
+        **_raws(name, env.araw, env.araw_recipe, lambda raw, tag: loop(raw_fn_for(raw), tag)),
         "scope": loop(scope_fn, f"{name}:scope"),
         "decorator": loop(decorated_fn, f"{name}:decorator"),
     }
@@ -261,13 +303,16 @@ def _decorator_async(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _join_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -277,17 +322,20 @@ def _join_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 with scope() as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.raw, env.raw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _join_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -297,18 +345,21 @@ def _join_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 async with scope() as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.araw, env.araw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _savepoint_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw, manager = env.Row, env.raw, env.manager
+    Row, manager = env.Row, env.manager
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
-                with s.begin_nested():
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
                     s.add(Row(name=tag))
+                    with s.begin_nested():
+                        s.add(Row(name=tag))
+
+        return raw_run
 
     def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.session_scope
@@ -318,18 +369,21 @@ def _savepoint_sync(env: Env, name: str) -> dict[str, SyncRunner]:
                 with scope(propagation="nested") as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.raw, env.raw_recipe, raw_for), "sessionscope": scope_run}
 
 
 def _savepoint_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw, manager = env.Row, env.araw, env.manager
+    Row, manager = env.Row, env.manager
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
-                async with s.begin_nested():
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
                     s.add(Row(name=tag))
+                    async with s.begin_nested():
+                        s.add(Row(name=tag))
+
+        return raw_run
 
     async def scope_run(n: int, tag: str = f"{name}:sessionscope") -> None:
         scope = manager.async_session_scope
@@ -339,7 +393,7 @@ def _savepoint_async(env: Env, name: str) -> dict[str, AsyncRunner]:
                 async with scope(propagation="nested") as inner:
                     inner.add(Row(name=tag))
 
-    return {"raw": raw_run, "sessionscope": scope_run}
+    return {**_raws(name, env.araw, env.araw_recipe, raw_for), "sessionscope": scope_run}
 
 
 # -- 5. 200 concurrent async tasks on PostgreSQL ------------------------------------
@@ -397,12 +451,15 @@ def _concurrent(env: Env, name: str) -> dict[str, AsyncRunner]:
 
 
 def _monitoring_sync(env: Env, name: str) -> dict[str, SyncRunner]:
-    Row, raw = env.Row, env.raw
+    Row = env.Row
 
-    def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> SyncRunner:
+        def raw_run(n: int) -> None:
+            for _ in range(n):
+                with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scoped(manager: Any, tag: str) -> SyncRunner:
         def run(n: int) -> None:
@@ -414,19 +471,22 @@ def _monitoring_sync(env: Env, name: str) -> dict[str, SyncRunner]:
         return run
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.raw, env.raw_recipe, raw_for),
         "monitoring_on": scoped(env.manager, f"{name}:monitoring_on"),
         "monitoring_off": scoped(env.quiet, f"{name}:monitoring_off"),
     }
 
 
 def _monitoring_async(env: Env, name: str) -> dict[str, AsyncRunner]:
-    Row, raw = env.Row, env.araw
+    Row = env.Row
 
-    async def raw_run(n: int, tag: str = f"{name}:raw") -> None:
-        for _ in range(n):
-            async with raw.begin() as s:
-                s.add(Row(name=tag))
+    def raw_for(raw: Any, tag: str) -> AsyncRunner:
+        async def raw_run(n: int) -> None:
+            for _ in range(n):
+                async with raw.begin() as s:
+                    s.add(Row(name=tag))
+
+        return raw_run
 
     def scoped(manager: Any, tag: str) -> AsyncRunner:
         async def run(n: int) -> None:
@@ -438,9 +498,76 @@ def _monitoring_async(env: Env, name: str) -> dict[str, AsyncRunner]:
         return run
 
     return {
-        "raw": raw_run,
+        **_raws(name, env.araw, env.araw_recipe, raw_for),
         "monitoring_on": scoped(env.manager, f"{name}:monitoring_on"),
         "monitoring_off": scoped(env.quiet_async, f"{name}:monitoring_off"),
+    }
+
+
+# -- 7. a one-statement read: session.get() by primary key ------------------------------
+# Raw SQLAlchemy reads in a transaction (BEGIN, SELECT, COMMIT: three round trips
+# on PostgreSQL); a snapshot=False scope sends the SELECT alone.
+
+
+def _seed_id(env: Env) -> int:
+    from sqlalchemy import select
+
+    with env.manager.engine.begin() as conn:
+        found = conn.scalar(select(env.Row.id).where(env.Row.name == "readonly-seed"))
+        if found is None:
+            found = conn.scalar(
+                env.Row.__table__.insert().values(name="readonly-seed").returning(env.Row.id)
+            )
+    return int(found)
+
+
+def _readonly_sync(env: Env, name: str) -> dict[str, SyncRunner]:
+    Row, manager, raw = env.Row, env.manager, env.raw
+    row_id = _seed_id(env)
+
+    def raw_run(n: int) -> None:
+        for _ in range(n):
+            with raw.begin() as s:
+                s.get(Row, row_id)
+
+    def scoped(**options: Any) -> SyncRunner:
+        def run(n: int) -> None:
+            scope = manager.session_scope
+            for _ in range(n):
+                with scope(**options) as s:
+                    s.get(Row, row_id)
+
+        return run
+
+    return {
+        "raw": raw_run,
+        "readonly_autocommit": scoped(read_only=True, snapshot=False),
+        "readonly_snapshot": scoped(read_only=True),
+    }
+
+
+def _readonly_async(env: Env, name: str) -> dict[str, AsyncRunner]:
+    Row, manager, raw = env.Row, env.manager, env.araw
+    row_id = _seed_id(env)
+
+    async def raw_run(n: int) -> None:
+        for _ in range(n):
+            async with raw.begin() as s:
+                await s.get(Row, row_id)
+
+    def scoped(**options: Any) -> AsyncRunner:
+        async def run(n: int) -> None:
+            scope = manager.async_session_scope
+            for _ in range(n):
+                async with scope(**options) as s:
+                    await s.get(Row, row_id)
+
+        return run
+
+    return {
+        "raw": raw_run,
+        "readonly_autocommit": scoped(read_only=True, snapshot=False),
+        "readonly_snapshot": scoped(read_only=True),
     }
 
 
@@ -501,6 +628,19 @@ WORKLOADS: tuple[Workload, ...] = (
     *_pair(
         "monitoring", "6 monitoring", "scope with monitoring on vs off",
         _monitoring_sync, _monitoring_async, not_applicable=_PEERS_NO_MONITORING,
+    ),
+    *(
+        Workload(
+            f"readonly_{mode}_postgresql{suffix}", "7 read-only",
+            f"session.get() by primary key, {mode}, PostgreSQL{title}",
+            mode, "postgresql", build, rows_per_tx=0, latency=latency,
+            not_applicable={p: _NO_READONLY for p in PEERS},
+        )
+        for latency, suffix, title in (
+            (0.0, "", " on loopback"),
+            (0.001, "_1ms", ", 1 ms added to each round trip"),
+        )
+        for mode, build in (("sync", _readonly_sync), ("async", _readonly_async))
     ),
 )
 

@@ -38,6 +38,10 @@ WORKLOADS = {
     "concurrent_async_postgresql",
     "monitoring_sync_sqlite",
     "monitoring_async_sqlite",
+    "readonly_sync_postgresql",
+    "readonly_async_postgresql",
+    "readonly_sync_postgresql_1ms",
+    "readonly_async_postgresql_1ms",
 }
 PEERS = ("fastapi_async_sqlalchemy", "advanced_alchemy")
 CALLGRIND_COUNTED = {"decorator_sync_sqlite", "decorator_async_sqlite"}  # the smoke selection
@@ -66,10 +70,12 @@ def test_smoke_run_writes_every_workload_and_peer(tmp_path: Path) -> None:
     assert set(doc["peers"]) == set(PEERS)
     for name, entry in doc["workloads"].items():
         if "skipped" in entry:
-            assert pg_url is None and name.endswith("postgresql"), (name, entry["skipped"])
+            assert pg_url is None and "postgresql" in name, (name, entry["skipped"])
             continue
         variants = entry["variants"]
         assert variants["raw"]["ratio"] == 1.0, name
+        # The BEGIN recipe is priced on SQLite, beside the plain-engine reference.
+        assert ("raw_recipe" in variants) == name.endswith("sqlite"), name
         assert len(variants) >= 2, name
         for peer in PEERS:
             # Each peer is measured or has a stated reason why it has no equivalent.
@@ -93,6 +99,9 @@ def test_smoke_run_writes_every_workload_and_peer(tmp_path: Path) -> None:
         assert concurrent["sessionscope_active_sessions_after"] == 0
         for figures in concurrent["variants"].values():
             assert figures["pool_checked_out_after_batches_max"] == 0
+        assert concurrent["variants"]["sessionscope"]["vs_raw_close"] > 0
+        # The delaying proxy really sat between the client and the server.
+        assert doc["meta"]["latency_proxy"]["0.001"]["added_us"] > 0
 
     if shutil.which("valgrind") is not None:
         assert doc["meta"]["callgrind"]["n"] == 2
@@ -104,9 +113,9 @@ def test_smoke_run_writes_every_workload_and_peer(tmp_path: Path) -> None:
         assert "not installed" in doc["meta"]["callgrind"]
 
     targets = {t["workload"]: t for t in doc["targets"]}
-    assert len(doc["targets"]) == 5
+    assert len(doc["targets"]) == 10
     for target in doc["targets"]:
-        if target["workload"].endswith("postgresql") and pg_url is None:
+        if "postgresql" in target["workload"] and pg_url is None:
             continue
         assert target["wall"] > 0 and target["met"] in (True, False), target
     assert "pool_checked_out_after" in targets["concurrent_async_postgresql"] or pg_url is None

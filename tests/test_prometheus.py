@@ -46,6 +46,7 @@ def test_exported_values(mgr: SessionManager) -> None:
         return registry.get_sample_value(name, {"manager": "orders", **labels})
 
     base_sessions = value("sessionscope_sessions_total") or 0.0  # reset_schema opened none
+    base_checkouts = value("sessionscope_pool_wait_seconds_count") or 0.0  # reset_schema's
     calls = []
 
     @mgr.with_session
@@ -88,6 +89,11 @@ def test_exported_values(mgr: SessionManager) -> None:
     assert value("sessionscope_cancellations_total") == 0
     assert value("sessionscope_slow_transactions_total") == 0
     assert value("sessionscope_pool_timeouts_total") == 0
+    # Three connections checked out: the failed attempt, its retry, the scope
+    # that ran SQL (the two others sent nothing).
+    assert value("sessionscope_pool_wait_seconds_count") == base_checkouts + 3
+    assert value("sessionscope_pool_wait_seconds_bucket", le="+Inf") == base_checkouts + 3
+    assert value("sessionscope_pool_wait_seconds_bucket", le="0.0001") is not None
     function = f"{__name__}.{add.__qualname__}"
     assert value("sessionscope_function_duration_seconds_count", function=function) == 2
     assert value("sessionscope_function_failures_total", function=function) == 1
@@ -117,6 +123,7 @@ def test_text_exposition_names_and_units() -> None:
     assert len(counters) == 9
     assert all(name.endswith("_total") for name in counters)
     assert "# TYPE sessionscope_transaction_duration_seconds histogram" in text
+    assert "# TYPE sessionscope_pool_wait_seconds histogram" in text
     assert "sessionscope_success_rate" not in text  # left to PromQL
 
 

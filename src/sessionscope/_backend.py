@@ -8,15 +8,17 @@ user of a pooled connection.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.util import await_only as await_
 
 from ._errors import ReadOnlyError
 
@@ -27,18 +29,23 @@ __all__ = [
     "BeginStatement",
     "apply_sqlite_savepoint_recipe",
     "async_url_for",
+    "autocommit_reader_options",
     "begin_statements",
     "default_url",
     "driver_error_code",
     "execution_options",
-    "guard_read_only",
+    "guard_autocommit_read_only",
+    "install_begin_statements",
     "is_async_url",
     "is_autocommit",
     "mysql_errno",
+    "open_read_only",
     "pool_ran_dry",
     "pool_status",
+    "read_only_class",
     "refuse_autocommit",
     "safe_url",
+    "skip_idle_commit",
     "sqlite_result_code",
     "sqlstate",
     "sync_url_for",
@@ -155,10 +162,20 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
     """Make SAVEPOINTs really contain writes on pysqlite/aiosqlite.
 
     The sqlite3 module's legacy transaction handling issues BEGIN on its own and
-    not before every statement, so a SAVEPOINT can end up outside any transaction.
-    SQLAlchemy documents the fix: switch the driver's own handling off and emit
-    BEGIN from the engine's ``begin`` event. Applied once per engine; does nothing
-    for other backends.
+    only before INSERT/UPDATE/DELETE, so reads run outside any transaction and a
+    SAVEPOINT can open (and its RELEASE commit) a transaction of its own. The fix
+    SQLAlchemy documents: switch the driver's handling off when a connection is
+    made, and emit BEGIN whenever SQLAlchemy begins a transaction.
+
+    BEGIN is emitted by the dialect's ``do_begin``, straight on the DBAPI
+    connection: SQLAlchemy calls it at the same point as its ``begin`` event, and
+    wraps its errors the same way, without running a statement through the
+    engine's execution path (which costs about a fifth of a one-row insert) and
+    without an engine event (which would make every statement consult the event
+    dispatch). On aiosqlite, BEGIN is queued on the connection's worker thread
+    without waiting for it (see :func:`_aiosqlite_begin`). Other SQLite drivers
+    get the ``begin`` event. Applied once per engine; does nothing for other
+    backends.
     """
     if engine.dialect.name != "sqlite" or engine in _recipe_applied:
         return
@@ -168,9 +185,48 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
     def _connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
 
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
+    begin = _DIRECT_BEGIN.get(engine.dialect.driver)
+    if begin is not None:
+        # An instance attribute: only this engine's dialect (shared by its
+        # execution_options() copies) changes, never the dialect class.
+        setattr(engine.dialect, "do_begin", begin)  # noqa: B010
+    else:
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+
+def _pysqlite_begin(connection: Any) -> None:
+    # ``connection`` is the pool's proxy of the sqlite3 connection.
+    connection.dbapi_connection.execute("BEGIN")
+
+
+def _aiosqlite_begin(connection: Any) -> None:
+    """BEGIN on an aiosqlite connection, without a round trip to its thread.
+
+    aiosqlite runs every call of a connection, in order, on one worker thread fed
+    by a queue. BEGIN is put on that queue without a future, so the next
+    statement of the transaction, queued behind it, runs after it, and the event
+    loop is not woken up once more per transaction. A deferred BEGIN takes no lock
+    and reads nothing, so it can fail only when a transaction is already open
+    (the work is then inside a transaction all the same) or when the connection
+    is unusable (then the statement queued behind it fails and reports it).
+    Falls back to an awaited BEGIN if aiosqlite's queue is not where it was.
+    """
+    aio = connection.dbapi_connection._connection
+    queue = getattr(aio, "_tx", None)
+    raw = getattr(aio, "_connection", None)
+    if queue is None or raw is None:
+        await_(aio.execute("BEGIN"))
+        return
+    queue.put_nowait((None, functools.partial(raw.execute, "BEGIN")))
+
+
+_DIRECT_BEGIN: Final[dict[str, Callable[[Any], None]]] = {
+    "pysqlite": _pysqlite_begin,
+    "aiosqlite": _aiosqlite_begin,
+}
 
 
 _READ_ONLY_OPTION: Final = {
@@ -260,6 +316,73 @@ def begin_statements(
     return statements
 
 
+_READ_ONLY_INIT: Final = "SET SESSION TRANSACTION READ ONLY"
+
+
+def autocommit_reader_options(url: URL, engine_options: dict[str, Any]) -> dict[str, Any]:
+    """Engine options for the pool of ``snapshot=False`` read-only scopes: the
+    manager's own options, every connection in autocommit, and the server told
+    once per connection, when it is made, to refuse writes
+    (``default_transaction_read_only`` on PostgreSQL, ``SET SESSION TRANSACTION
+    READ ONLY`` on MariaDB/MySQL). Nothing is sent per scope.
+
+    Raises ``ValueError`` for a driver whose connection settings are unknown
+    here, and when the connection arguments already set what is needed.
+    """
+    options = dict(engine_options)
+    connect_args = dict(options.get("connect_args") or {})
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql" and driver == "asyncpg":
+        settings = dict(connect_args.get("server_settings") or {})
+        settings["default_transaction_read_only"] = "on"
+        connect_args["server_settings"] = settings
+    elif backend == "postgresql" and driver in ("psycopg", "psycopg_async", "psycopg2"):
+        extra = "-c default_transaction_read_only=on"
+        current = connect_args.get("options")
+        connect_args["options"] = f"{current} {extra}" if current else extra
+    elif backend in ("mysql", "mariadb") and driver in ("pymysql", "aiomysql", "mysqldb"):
+        if connect_args.get("init_command"):
+            raise ValueError(
+                "snapshot=False needs the connection's init_command for SET SESSION "
+                "TRANSACTION READ ONLY, and connect_args already sets one; drop "
+                "snapshot=False or the init_command"
+            )
+        connect_args["init_command"] = _READ_ONLY_INIT
+    else:
+        raise ValueError(
+            f"snapshot=False is not supported with the {backend}+{driver} driver (known: "
+            "psycopg, psycopg2, asyncpg, pymysql, aiomysql, mysqldb); drop snapshot=False"
+        )
+    options["connect_args"] = connect_args
+    options["isolation_level"] = "AUTOCOMMIT"
+    return options
+
+
+def skip_idle_commit(engine: Engine) -> None:
+    """On a MariaDB/MySQL engine whose connections are all in autocommit, send
+    neither COMMIT nor the pool's ROLLBACK when the server says no transaction is
+    open (the driver would send them anyway: two round trips for nothing).
+    PostgreSQL drivers skip them on their own."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return
+    for name in ("do_commit", "do_rollback"):
+        setattr(engine.dialect, name, _unless_idle(getattr(engine.dialect, name)))
+
+
+def _unless_idle(base: Callable[[Any], None]) -> Callable[[Any], None]:
+    def call(connection: Any) -> None:
+        raw = getattr(connection, "dbapi_connection", connection)
+        status = getattr(raw, "server_status", None)
+        if status is None:  # SQLAlchemy's adapter of an asyncio driver
+            status = getattr(getattr(raw, "_connection", None), "server_status", None)
+        # SERVER_STATUS_IN_TRANS, as the server reported it with its last reply.
+        if isinstance(status, int) and not status & 1:
+            return
+        base(connection)
+
+    return call
+
+
 _mysql_reset_installed: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -309,26 +432,66 @@ def install_begin_statements(session: Session, statements: list[BeginStatement])
     event.listen(session, "after_begin", _after_begin)
 
 
-def guard_read_only(session: Session) -> None:
-    """Refuse ORM writes in ``session`` before they reach the server."""
+def _refuse_flush(sess: Session, flush_context: Any, instances: Any) -> None:
+    if sess.new or sess.deleted or sess.dirty:
+        raise ReadOnlyError(
+            "this scope is read_only=True, but the session has pending changes "
+            f"({len(sess.new)} new, {len(sess.dirty)} changed, {len(sess.deleted)} "
+            "deleted objects); nothing was sent. Write in a scope without read_only."
+        )
 
-    def _before_flush(sess: Session, flush_context: Any, instances: Any) -> None:
-        if sess.new or sess.deleted or sess.dirty:
-            raise ReadOnlyError(
-                "this scope is read_only=True, but the session has pending changes "
-                f"({len(sess.new)} new, {len(sess.dirty)} changed, {len(sess.deleted)} "
-                "deleted objects); nothing was sent. Write in a scope without read_only."
-            )
 
-    def _do_orm_execute(state: ORMExecuteState) -> None:
-        if state.is_insert or state.is_update or state.is_delete:
-            raise ReadOnlyError(
-                "this scope is read_only=True, but an INSERT/UPDATE/DELETE was executed "
-                "in it; nothing was sent. Write in a scope without read_only."
-            )
+def _refuse_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        raise ReadOnlyError(
+            "this scope is read_only=True, but an INSERT/UPDATE/DELETE was executed "
+            "in it; nothing was sent. Write in a scope without read_only."
+        )
 
-    event.listen(session, "before_flush", _before_flush)
-    event.listen(session, "do_orm_execute", _do_orm_execute)
+
+_GUARDED: Final = "_sessionscope_read_only"
+
+
+def read_only_class(base: type[Session]) -> type[Session]:
+    """A subclass of ``base`` whose sessions refuse ORM writes before they reach
+    the server (pending objects at flush, ORM INSERT/UPDATE/DELETE statements).
+
+    The listeners are on the class, registered once: listening on each session
+    instead costs more than the rest of an empty scope. Made once per ``base``
+    and kept on it (a sessionmaker's own generated class, or the session class
+    given to the manager), so it lives as long as ``base`` does.
+    """
+    cls = _READ_ONLY_SESSION if base is Session else base.__dict__.get(_GUARDED)
+    if cls is None:
+        cls = _guarded_subclass(base)
+        setattr(base, _GUARDED, cls)
+    return cls
+
+
+def _guarded_subclass(base: type[Session]) -> type[Session]:
+    cls = type(base.__name__, (base,), {"__module__": base.__module__})
+    cls.__qualname__ = base.__qualname__
+    event.listen(cls, "before_flush", _refuse_flush)
+    event.listen(cls, "do_orm_execute", _refuse_dml)
+    return cls
+
+
+_READ_ONLY_SESSION: Final = _guarded_subclass(Session)
+
+
+def open_read_only(factory: Any, is_async: bool, **kw: Any) -> Any:
+    """A session from ``factory`` (a ``sessionmaker`` or ``async_sessionmaker``)
+    with ``kw``, of the factory's class made read-only by :func:`read_only_class`."""
+    if is_async:
+        base = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
+        return factory(**kw, sync_session_class=read_only_class(base))
+    return read_only_class(factory.class_)(**{**factory.kw, **kw})
+
+
+def guard_autocommit_read_only(session: Session) -> None:
+    """A read-only session bound in autocommit mode (``isolation_level=
+    "AUTOCOMMIT"``): each statement is its own transaction, so make the
+    connection's session read-only on the server for the scope instead."""
     bind = session.bind
     if isinstance(bind, Engine) and is_autocommit(
         bind.get_execution_options().get("isolation_level")

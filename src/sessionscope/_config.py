@@ -72,6 +72,11 @@ class SessionConfig:
     read_only: bool = False
     """Refuse writes (before they reach the server) and, where the backend can,
     open a read-only transaction."""
+    snapshot: bool = True
+    """With ``read_only=True``: ``False`` runs each statement on its own, in
+    autocommit, on a connection the server keeps read-only (PostgreSQL,
+    MariaDB/MySQL): no BEGIN and COMMIT round trips, but the statements of the
+    scope do not share one snapshot. No effect on SQLite. See the guide."""
     isolation_level: str | None = None
     """Transaction isolation for a scope that opens its own session.
     ``"AUTOCOMMIT"`` only together with ``read_only=True``: each statement would
@@ -110,6 +115,7 @@ class SessionConfig:
             "auto_rollback",
             "enable_monitoring",
             "read_only",
+            "snapshot",
             "durable",
             "expire_on_commit",
             "causal_reads",
@@ -170,6 +176,19 @@ class SessionConfig:
                 "fails could not roll its writes back. Use it for read-only scopes "
                 "(read_only=True, isolation_level='AUTOCOMMIT'), or drop it to write."
             )
+        if not self.snapshot:
+            if not self.read_only:
+                raise ValueError(
+                    "snapshot=False needs read_only=True: statements that each commit on "
+                    "their own cannot make a write atomic; add read_only=True or drop "
+                    "snapshot=False"
+                )
+            if self.isolation_level is not None or self.timeout is not None:
+                raise ValueError(
+                    "snapshot=False runs each statement in autocommit, outside any "
+                    "transaction, so isolation_level= and timeout= cannot apply; drop "
+                    "them or drop snapshot=False"
+                )
 
     @property
     def log_levelno(self) -> int:

@@ -63,6 +63,7 @@ from ._errors import (
 )
 from ._observe import Outcome, TransactionInfo, TransactionObserver
 from ._policy import Action, decide, joins
+from ._poolwait import waited_since
 from ._retry import describe, is_disconnect, retry_delay_for
 
 if TYPE_CHECKING:
@@ -1088,6 +1089,9 @@ def _close(
         stats = frame.stats
         cfg = frame.cfg
         if stats is not None:
+            # The wait for a pooled connection is the pool's story, not the
+            # transaction's: it is left out of the slow threshold.
+            wait = waited_since(frame.started)
             slow = stats.transaction_ended(
                 committed=committed,
                 failed=failed,
@@ -1095,16 +1099,12 @@ def _close(
                 slow_threshold=cfg.slow_threshold,
                 function=frame.function,
                 key=id(frame),
+                pool_wait=wait,
             )
             if now >= stats.next_deadline:
                 _watch.warn_overdue(stats, now)
             if slow and cfg.log_levelno <= logging.WARNING:
-                logger.warning(
-                    "slow transaction: %s took %.3f s (slow_threshold %.3f s)",
-                    frame.function or "scope",
-                    duration,
-                    cfg.slow_threshold,
-                )
+                stats.warn_slow(frame.function or "scope", duration, wait, cfg.slow_threshold, now)
         if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
             logger.debug(
                 "session closed (%s): %s in %.6f s",

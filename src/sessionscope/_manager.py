@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Unpack
 
-from . import _backend, _core, _watch
+from . import _backend, _core, _poolwait, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
 from ._cluster import Cluster
 from ._config import SessionConfig, validate_overrides
@@ -188,6 +188,7 @@ class SessionManager(Generic[S_co, AS_co]):
                 {"expire_on_commit": bool(options["expire_on_commit"])}
             )
         options["expire_on_commit"] = self._config.expire_on_commit
+        self._stats = Stats()
         self._source = source = SessionSource(
             self._url,
             async_url,
@@ -198,6 +199,7 @@ class SessionManager(Generic[S_co, AS_co]):
             session_class,
             async_session_class,
             _core.install_session_events,
+            self._prepare_engine,
         )
         # Every engine of this manager reports COMMITs the core does not issue.
         source.add_engine_hook(_follow_commits)
@@ -205,7 +207,6 @@ class SessionManager(Generic[S_co, AS_co]):
             _follow_commits("given", existing)
         self._expire_default = self._config.expire_on_commit
         self._resolved: dict[tuple[tuple[str, type, Any], ...], SessionConfig] = {}
-        self._stats = Stats()
         self.name = name or _backend.safe_url(self.url)
         self._cluster: Cluster | None = None
         self._node_factories: dict[tuple[Any, bool], Any] = {}
@@ -281,6 +282,12 @@ class SessionManager(Generic[S_co, AS_co]):
         # setup_database_connection() hands the counters on to a new default manager.
         self._stats = stats
         self._host.stats = stats
+        for engine in self.engines_by_role().values():
+            _poolwait.install(engine, stats)
+
+    def _prepare_engine(self, engine: Engine) -> None:
+        _backend.apply_sqlite_savepoint_recipe(engine)
+        _poolwait.install(engine, self._stats)
 
     def add_observer(self, observer: TransactionObserver) -> None:
         """Report this manager's transactions to ``observer`` (see

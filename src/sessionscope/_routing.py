@@ -247,6 +247,7 @@ class Router:
                 "replicas= out to read from the primary"
             )
         backend = source.url.get_backend_name()
+        self._source = source
         self._replicas: list[_Replica] = []
         for i in range(count):
             replica = _Replica(
@@ -263,7 +264,6 @@ class Router:
                 if engine is not None:
                     self._watch_replica(replica, engine)
             self._replicas.append(replica)
-        self._source = source
         self._write_engine = write_engine
         self._name = name
         self._log_enabled = log_enabled
@@ -322,7 +322,7 @@ class Router:
 
     def _watch_replica(self, replica: _Replica, engine: Engine | AsyncEngine) -> None:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        _backend.apply_sqlite_savepoint_recipe(sync_engine)
+        self._source.prepare_engine(sync_engine)
 
         def _on_error(ctx: ExceptionContext) -> None:
             # A failure with no connection is a failed connect (a pre-ping failure

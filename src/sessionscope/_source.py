@@ -60,6 +60,7 @@ class SessionSource:
         session_class: type[Session] | None,
         async_session_class: type[AsyncSession] | None,
         prepare_class: Callable[[type[Session]], None],
+        prepare_engine: Callable[[Engine], None],
     ) -> None:
         self._url = url
         self._async_url = async_url
@@ -70,6 +71,10 @@ class SessionSource:
         self._session_class = session_class
         self._async_session_class = async_session_class
         self._prepare_class = prepare_class
+        self.prepare_engine = prepare_engine
+        """Called once for each engine of this source, given or created (the
+        SQLite BEGIN recipe, the pool-wait measurement); the router and the
+        cluster call it for theirs too."""
         self.lock = threading.Lock()
         self._classes: dict[type[Session], type[Session]] = {}
         self._sync_factory: sessionmaker[Session] | None = None
@@ -77,9 +82,11 @@ class SessionSource:
         self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
         self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._hooks: list[EngineHook] = []
+        # Pools of snapshot=False read-only scopes, by is_async (created on first use).
+        self._readers: dict[bool, Engine | AsyncEngine] = {}
         for given in (engine, async_engine.sync_engine if async_engine is not None else None):
             if given is not None:
-                _backend.apply_sqlite_savepoint_recipe(given)
+                prepare_engine(given)
 
     # -- URLs and engines ----------------------------------------------------------
 
@@ -109,7 +116,7 @@ class SessionSource:
                 engine = self._engine
                 if engine is None:
                     engine = create_engine(self.url, **self.engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine)
+                    self.prepare_engine(engine)
                     self.engine_created("sync", engine)
                     self._engine = engine
         return engine
@@ -123,7 +130,7 @@ class SessionSource:
                 engine = self._async_engine
                 if engine is None:
                     engine = create_async_engine(self.async_url, **self.engine_options)
-                    _backend.apply_sqlite_savepoint_recipe(engine.sync_engine)
+                    self.prepare_engine(engine.sync_engine)
                     self.engine_created("async", engine.sync_engine)
                     self._async_engine = engine
         return engine
@@ -136,6 +143,10 @@ class SessionSource:
             engines["sync"] = self._engine
         if self._async_engine is not None:
             engines["async"] = self._async_engine.sync_engine
+        for is_async, reader in self._readers.items():
+            engines["async_reader" if is_async else "reader"] = (
+                reader.sync_engine if isinstance(reader, AsyncEngine) else reader
+            )
         return engines
 
     def add_engine_hook(self, hook: EngineHook) -> None:
@@ -220,18 +231,23 @@ class SessionSource:
         if is_async in self._bound:
             # Bound sessions share a transaction that is already open (bound_to()):
             # per-transaction server settings cannot apply; the ORM guard still can.
-            session = factory(expire_on_commit=cfg.expire_on_commit)
             if cfg.read_only:
-                _backend.guard_read_only(session.sync_session if is_async else session)
-            return session
+                return _backend.open_read_only(
+                    factory, is_async, expire_on_commit=cfg.expire_on_commit
+                )
+            return factory(expire_on_commit=cfg.expire_on_commit)
         kw = self.options_kw(cfg, engine, is_async)
         statements = kw["_statements"]
-        session = factory(**{k: v for k, v in kw.items() if k != "_statements"})
+        session_kw = {k: v for k, v in kw.items() if k != "_statements"}
+        if cfg.read_only:
+            session = _backend.open_read_only(factory, is_async, **session_kw)
+        else:
+            session = factory(**session_kw)
         sync_session = session.sync_session if is_async else session
         if statements:
             _backend.install_begin_statements(sync_session, statements)
         if cfg.read_only:
-            _backend.guard_read_only(sync_session)
+            _backend.guard_autocommit_read_only(sync_session)
         return session
 
     def options_kw(self, cfg: SessionConfig, engine: Any, is_async: bool) -> dict[str, Any]:
@@ -246,8 +262,18 @@ class SessionSource:
             cfg.expire_on_commit,
             cfg.timeout,
             cfg.causal_reads,
+            cfg.snapshot,
         )
         kw = self._session_kw.get(cache_key)
+        if kw is None and not cfg.snapshot and sync_engine.dialect.name != "sqlite":
+            # Config validation ruled out isolation_level and timeout here.
+            kw = {
+                "expire_on_commit": cfg.expire_on_commit,
+                "bind": self._reader(is_async),
+                "_statements": [],
+            }
+            if len(self._session_kw) < _CACHE_LIMIT:
+                self._session_kw[cache_key] = kw
         if kw is None:
             options = _backend.execution_options(
                 sync_engine, isolation_level=cfg.isolation_level, read_only=cfg.read_only
@@ -266,6 +292,29 @@ class SessionSource:
             if len(self._session_kw) < _CACHE_LIMIT:
                 self._session_kw[cache_key] = kw
         return kw
+
+    def _reader(self, is_async: bool) -> Engine | AsyncEngine:
+        """The engine of ``snapshot=False`` read-only scopes: a pool of its own
+        whose connections are in autocommit and read-only on the server (see
+        :func:`._backend.autocommit_reader_options`)."""
+        reader = self._readers.get(is_async)
+        if reader is None:
+            with self.lock:
+                reader = self._readers.get(is_async)
+                if reader is None:
+                    url = self.async_url if is_async else self.url
+                    options = _backend.autocommit_reader_options(url, self.engine_options)
+                    sync_engine: Engine
+                    if is_async:
+                        reader = create_async_engine(url, **options)
+                        sync_engine = reader.sync_engine
+                    else:
+                        reader = sync_engine = create_engine(url, **options)
+                    _backend.skip_idle_commit(sync_engine)
+                    self.prepare_engine(sync_engine)
+                    self.engine_created("async_reader" if is_async else "reader", sync_engine)
+                    self._readers[is_async] = reader
+        return reader
 
     @contextmanager
     def bound_to(self, connection: Connection | AsyncConnection) -> Iterator[None]:
@@ -301,11 +350,17 @@ class SessionSource:
     # -- lifecycle -------------------------------------------------------------------
 
     def dispose(self) -> None:
-        """Close the sync engine's pooled connections."""
+        """Close the sync engines' pooled connections."""
         if self._engine is not None:
             self._engine.dispose()
+        reader = self._readers.get(False)
+        if isinstance(reader, Engine):
+            reader.dispose()
 
     async def adispose(self) -> None:
-        """Close the async engine's pooled connections."""
+        """Close the async engines' pooled connections."""
         if self._async_engine is not None:
             await self._async_engine.dispose()
+        reader = self._readers.get(True)
+        if isinstance(reader, AsyncEngine):
+            await reader.dispose()

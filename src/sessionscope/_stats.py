@@ -31,16 +31,46 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from ._types import StatsSnapshot
 
-__all__ = ["DURATION_BUCKETS", "Stats", "TransactionListener"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "FUNCTION_LIMIT",
+    "OTHER_FUNCTIONS",
+    "POOL_WAIT_BUCKETS",
+    "SLOW_LOG_INTERVAL",
+    "Stats",
+    "TransactionListener",
+]
 
 DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 """Upper bounds (seconds, inclusive) of the transaction duration histogram: the
 boundaries the OpenTelemetry database conventions recommend for
 ``db.client.operation.duration``, also used for the Prometheus histogram."""
 
+POOL_WAIT_BUCKETS: Final = (
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
+)
+"""Upper bounds (seconds, inclusive) of the histogram of the time to acquire a
+pooled connection: finer than :data:`DURATION_BUCKETS` at the low end, where an
+idle connection is handed over in microseconds, up to the pool's default
+30-second timeout."""
+
+SLOW_LOG_INTERVAL: Final = 10.0
+"""Seconds between two slow-transaction warnings logged one by one; the slow
+transactions in between are reported in one summary line."""
+
 _logger = logging.getLogger("sessionscope")
 
 _WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
+
+FUNCTION_LIMIT: Final = 1000
+"""Decorated functions that get figures of their own; calls of any further
+function are added up under :data:`OTHER_FUNCTIONS`, so a program that
+decorates functions without end (generated ones, closures made per request)
+keeps the statistics, and every exporter's series, bounded."""
+
+OTHER_FUNCTIONS: Final = "<other>"
+"""The name the calls of functions past :data:`FUNCTION_LIMIT` are recorded under
+(never a ``module.qualname``)."""
 
 TransactionListener = Callable[[float, bool, bool, str | None], None]
 """Called after each transaction with ``(duration, committed, failed, function)``."""
@@ -70,6 +100,8 @@ _COUNTERS: Final = (
     "long_held",
     "pool_timeouts",
     "dur_sum",
+    "pool_acquisitions",
+    "pool_wait_sum",
 )
 
 
@@ -103,6 +135,14 @@ class Stats:
         self.dur_max = 0.0
         self.durations: deque[float] = deque(maxlen=_WINDOW)
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.pool_acquisitions = 0
+        self.pool_wait_sum = 0.0
+        self.pool_wait_max = 0.0
+        self.pool_waits: deque[float] = deque(maxlen=_WINDOW)
+        self.pool_wait_buckets = [0] * (len(POOL_WAIT_BUCKETS) + 1)
+        self._slow_window_end = -math.inf
+        self._slow_quiet = 0  # slow transactions not logged one by one yet
+        self._slow_worst: tuple[float, str] = (0.0, "")
         self.functions: dict[str, _Func] = {}
         self.retry_errors: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
@@ -144,13 +184,18 @@ class Stats:
         slow_threshold: float,
         function: str | None,
         key: int = 0,
+        pool_wait: float = 0.0,
     ) -> bool:
         """Record the end of a scope that owned its session; return True if slow.
 
         ``failed`` means an error ended it (including a failed COMMIT); a quiet
         rollback (``auto_commit=False``, ``set_rollback``) is not a failure.
+        ``duration`` is the whole scope; ``pool_wait``, the part of it spent
+        acquiring pooled connections, does not count towards ``slow_threshold``:
+        under overload every transaction queues for the pool, and only the pool
+        figures should say so.
         """
-        slow = duration > slow_threshold
+        slow = duration - pool_wait > slow_threshold
         with self._lock:
             self.active_sessions -= 1
             if self._held:
@@ -170,7 +215,7 @@ class Stats:
             if slow:
                 self.slow += 1
             if function is not None:
-                self._function_locked(function, duration, failed)
+                function = self._function_locked(function, duration, failed)
         if self.listeners:
             self._notify(duration, committed, failed, function)
         return slow
@@ -182,16 +227,76 @@ class Stats:
         with self._lock:
             self._function_locked(function, duration, failed)
 
-    def _function_locked(self, function: str, duration: float, failed: bool) -> None:
+    def _function_locked(self, function: str, duration: float, failed: bool) -> str:
+        """Add one call to ``function``'s figures; return the name it was
+        recorded under (``function``, or :data:`OTHER_FUNCTIONS` once the table
+        holds :data:`FUNCTION_LIMIT` other names)."""
         fs = self.functions.get(function)
         if fs is None:
-            fs = self.functions[function] = _Func()
+            if len(self.functions) - (OTHER_FUNCTIONS in self.functions) >= FUNCTION_LIMIT:
+                function = OTHER_FUNCTIONS
+                fs = self.functions.get(function)
+            if fs is None:
+                fs = self.functions[function] = _Func()
         fs.calls += 1
         fs.total += duration
         if duration > fs.max:
             fs.max = duration
         if failed:
             fs.failures += 1
+        return function
+
+    def pool_waited(self, seconds: float) -> None:
+        """Record one checkout of a pooled connection that took ``seconds``."""
+        with self._lock:
+            self.pool_acquisitions += 1
+            self.pool_wait_sum += seconds
+            if seconds > self.pool_wait_max:
+                self.pool_wait_max = seconds
+            self.pool_waits.append(seconds)
+            self.pool_wait_buckets[bisect_left(POOL_WAIT_BUCKETS, seconds)] += 1
+
+    def warn_slow(
+        self,
+        function: str,
+        duration: float,
+        pool_wait: float,
+        slow_threshold: float,
+        now: float | None = None,
+    ) -> None:
+        """Log a slow transaction at WARNING, at most once per
+        :data:`SLOW_LOG_INTERVAL`: the slow transactions of the rest of the
+        interval are counted and reported in one summary line (with the slowest
+        of them) before the next one logged in full. Logging never adds to an
+        overload; ``slow_transactions`` keeps the exact count."""
+        if now is None:
+            now = time.perf_counter()
+        with self._lock:
+            if now < self._slow_window_end:
+                self._slow_quiet += 1
+                if duration > self._slow_worst[0]:
+                    self._slow_worst = (duration, function)
+                return
+            quiet, worst = self._slow_quiet, self._slow_worst
+            self._slow_quiet, self._slow_worst = 0, (0.0, "")
+            self._slow_window_end = now + SLOW_LOG_INTERVAL
+        if quiet:
+            _logger.warning(
+                "%d more slow transaction(s) not logged one by one in the last %.0f s "
+                "(slowest: %s, %.3f s)",
+                quiet,
+                SLOW_LOG_INTERVAL,
+                worst[1],
+                worst[0],
+            )
+        _logger.warning(
+            "slow transaction: %s took %.3f s, waiting for a pooled connection %.3f s "
+            "(slow_threshold %.3f s)",
+            function,
+            duration,
+            pool_wait,
+            slow_threshold,
+        )
 
     def savepoint_ended(self, *, rolled_back: bool) -> None:
         with self._lock:
@@ -260,13 +365,16 @@ class Stats:
             self.reset_at = time.time()
             self.dur_max = 0.0
             self.durations.clear()
+            self.pool_wait_max = 0.0
+            self.pool_waits.clear()
             for fs in self.functions.values():
                 fs.max = 0.0
 
     def totals(self) -> dict[str, Any]:
         """Monotonic figures since this object was created (for exporters):
         the counters, ``retry_errors``, ``buckets`` (per :data:`DURATION_BUCKETS`
-        bound, then the overflow, not cumulative), ``functions`` (name ->
+        bound, then the overflow, not cumulative), ``pool_wait_buckets`` (the
+        same per :data:`POOL_WAIT_BUCKETS` bound), ``functions`` (name ->
         ``(calls, failures, duration_sum)``), plus ``active_sessions``."""
         with self._lock:
             totals = self._totals_locked()
@@ -277,6 +385,7 @@ class Stats:
         totals: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
         totals["retry_errors"] = dict(self.retry_errors)
         totals["buckets"] = list(self.buckets)
+        totals["pool_wait_buckets"] = list(self.pool_wait_buckets)
         totals["functions"] = {
             name: (fs.calls, fs.failures, fs.total) for name, fs in self.functions.items()
         }
@@ -293,6 +402,8 @@ class Stats:
         with self._lock:
             now = self._totals_locked()
             durations = sorted(self.durations)
+            waits = sorted(self.pool_waits)
+            wait_max = self.pool_wait_max
             maxima = {name: fs.max for name, fs in self.functions.items()}
             active = self.active_sessions
             dur_max = self.dur_max
@@ -310,6 +421,7 @@ class Stats:
             now["functions"] = funcs
         total = now["total_transactions"]
         failed = now["failed"]
+        acquisitions = now["pool_acquisitions"]
         return {
             "session_count": now["session_count"],
             "active_sessions": active,
@@ -326,6 +438,10 @@ class Stats:
             "slow_transactions": now["slow"],
             "long_held_sessions": now["long_held"],
             "pool_timeouts": now["pool_timeouts"],
+            "pool_acquisitions": acquisitions,
+            "avg_pool_wait": now["pool_wait_sum"] / acquisitions if acquisitions else 0.0,
+            "p95_pool_wait": _percentile(waits, 0.95),
+            "max_pool_wait": wait_max,
             "avg_duration": now["dur_sum"] / total if total else 0.0,
             "p95_duration": _percentile(durations, 0.95),
             "max_duration": dur_max,

@@ -155,6 +155,10 @@ class StatsSnapshot(TypedDict):
     avg_duration: float
     p95_duration: float
     max_duration: float
+    pool_acquisitions: int
+    avg_pool_wait: float
+    p95_pool_wait: float
+    max_pool_wait: float
     functions: dict[str, FunctionStats]
 
 
@@ -196,6 +200,7 @@ class ScopeOptions(TypedDict, total=False):
     expected_status_below: int
     child_tasks: Literal["independent", "forbid"]
     causal_reads: bool
+    snapshot: bool
 
 
 # -- decorated functions -------------------------------------------------------------

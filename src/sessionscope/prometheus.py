@@ -42,7 +42,7 @@ try:
     from prometheus_client.registry import REGISTRY, CollectorRegistry
 except ImportError as err:
     raise missing_extra("sessionscope.prometheus", "prometheus", err) from err
-from ._stats import DURATION_BUCKETS
+from ._stats import DURATION_BUCKETS, POOL_WAIT_BUCKETS
 
 __all__ = ["SessionScopeCollector", "register"]
 
@@ -143,6 +143,12 @@ class SessionScopeCollector:
                 "Checkouts that gave up waiting for a pooled connection.",
                 labels=m,
             ),
+            "pool_wait": HistogramMetricFamily(
+                "sessionscope_pool_wait_seconds",
+                "Time to acquire a pooled connection (queue wait, connect or pre-ping).",
+                labels=m,
+                unit="seconds",
+            ),
             "function_duration": SummaryMetricFamily(
                 "sessionscope_function_duration_seconds",
                 "Calls of decorated functions and their time.",
@@ -173,7 +179,9 @@ def _fill(families: dict[str, Any], manager: SessionManager) -> None:
         ("failed", failed),
     ):
         families["transactions"].add_metric([name, outcome], value, created)
-    families["duration"].add_metric([name], list(_cumulative(t["buckets"])), t["dur_sum"])
+    families["duration"].add_metric(
+        [name], list(_cumulative(t["buckets"], DURATION_BUCKETS)), t["dur_sum"]
+    )
     families["slow"].add_metric([name], t["slow"], created)
     for error, value in sorted(t["retry_errors"].items()):
         families["retries"].add_metric([name, error], value, created)
@@ -185,6 +193,11 @@ def _fill(families: dict[str, Any], manager: SessionManager) -> None:
     families["cancellations"].add_metric([name], t["cancellations"], created)
     families["long_held"].add_metric([name], t["long_held"], created)
     families["pool_timeouts"].add_metric([name], t["pool_timeouts"], created)
+    families["pool_wait"].add_metric(
+        [name],
+        list(_cumulative(t["pool_wait_buckets"], POOL_WAIT_BUCKETS)),
+        t["pool_wait_sum"],
+    )
     for function, (calls, failures, total) in sorted(t["functions"].items()):
         families["function_duration"].add_metric([name, function], calls, total)
         families["function_failures"].add_metric([name, function], failures, created)
@@ -195,9 +208,9 @@ def _fill(families: dict[str, Any], manager: SessionManager) -> None:
                 families[f"pool_{key}"].add_metric([name, role], value)
 
 
-def _cumulative(buckets: list[int]) -> Iterator[tuple[str, float]]:
+def _cumulative(buckets: list[int], bounds: tuple[float, ...]) -> Iterator[tuple[str, float]]:
     running = 0
-    for bound, count in zip((*DURATION_BUCKETS, None), buckets, strict=True):
+    for bound, count in zip((*bounds, None), buckets, strict=True):
         running += count
         yield ("+Inf" if bound is None else repr(bound)), running
 
