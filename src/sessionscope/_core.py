@@ -82,7 +82,6 @@ __all__ = [
     "Veto",
     "abort_frame",
     "begin_savepoint",
-    "connection_committed",
     "context_key",
     "current_frame",
     "enter_retry_boundary",
@@ -201,8 +200,6 @@ class Boundary:
 
 
 retry_boundary: ContextVar[Boundary | None] = ContextVar("sessionscope_retrying", default=None)
-# True while sessionscope itself sends a scope's COMMIT (for the engine listener).
-_own_commit: ContextVar[bool] = ContextVar("sessionscope_own_commit", default=False)
 
 _SESSION_FRAME: Final = "sessionscope_frame"  # session.info key: the owning NEW frame
 
@@ -264,6 +261,7 @@ class Frame:
         "commit_failed",
         "commit_in_flight",
         "committed_now",
+        "connection_tx",
         "culprit",
         "due",
         "front",
@@ -328,6 +326,9 @@ class Frame:
         self.commit_in_flight = False
         self.commit_failed = False  # a COMMIT of the body's failed (the body went on)
         self.committed_now = False  # the transaction that is ending was committed
+        # The connection-level transaction the session began on: the body may
+        # end it behind the session's back (session.connection().commit()).
+        self.connection_tx: Any = None
         self.culprit: str | None = None  # the scope whose body spoiled this one
         # (observer, handle) of each transaction observer watching this scope.
         self.trace: list[tuple[TransactionObserver, object]] | None = None
@@ -908,6 +909,8 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
 
 def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
     cfg = frame.cfg
+    if frame.boundary is not None and _committed_behind_the_session(frame):
+        frame.boundary.mark_committed()
     frame.state = _ENDING
     _release_generator(frame)
     committed = False
@@ -1030,7 +1033,6 @@ def _commit(session: Session, frame: Frame) -> None:
     # Flush first: a failure there happened before COMMIT was sent, so its
     # outcome is known (nothing committed) and a transient one may be retried.
     session.flush()
-    token = _own_commit.set(True)
     try:
         session.commit()
     except sa_exc.DBAPIError as err:
@@ -1057,8 +1059,6 @@ def _commit(session: Session, frame: Frame) -> None:
                 type(err).__name__,
             )
         raise
-    finally:
-        _own_commit.reset(token)
 
 
 def _close(
@@ -1220,21 +1220,8 @@ def install_session_events(session_class: type[Session]) -> None:
     event.listen(session_class, "before_commit", _before_commit)
     event.listen(session_class, "after_commit", _after_commit)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
-
-
-def connection_committed(connection: object) -> None:
-    """Engine ``commit`` listener (installed on a manager's engines): a COMMIT
-    sessionscope did not issue and the body did not issue through its session
-    (``session.connection().commit()``, an ``engine.begin()`` block inside the
-    unit) still makes the unit non-atomic: the retry boundary must not re-run it."""
-    boundary = retry_boundary.get()
-    if boundary is None or boundary.committed or _own_commit.get():
-        return  # nothing retries, already marked, or sessionscope's own COMMIT
-    frame = _live(stack.get())
-    root = frame.root if frame is not None else None
-    if root is not None and root.commit_in_flight:
-        return  # the body's session.commit(): followed by the session events
-    boundary.mark_committed()
+    event.listen(session_class, "after_begin", _after_begin)
+    event.listen(session_class, "before_flush", _before_flush)
 
 
 def _body_root(session: Session) -> Frame | None:
@@ -1264,6 +1251,7 @@ def _before_commit(session: Session) -> None:
                 "committed; let the error propagate, or roll back instead."
             ) from frame.cause
     root.commit_in_flight = True
+    root.connection_tx = None  # this COMMIT ends it: not behind the session's back
     if root.boundary is not None:
         # From here on the unit is no longer atomic: never re-run it.
         root.boundary.mark_committed()
@@ -1284,6 +1272,31 @@ def _after_commit(session: Session) -> None:
             frame.callbacks = None
 
 
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    if transaction.parent is None:
+        root = _body_root(session)
+        if root is not None:
+            root.connection_tx = connection.get_transaction()
+
+
+def _committed_behind_the_session(root: Frame) -> bool:
+    """Whether the body ended the connection's transaction itself (through
+    ``session.connection()``) while the session's stays active, which the
+    session's events do not see: what it did may be committed, so the unit must
+    never be re-run. (A failed flush ends both: that is no COMMIT.)"""
+    transaction = root.connection_tx
+    if transaction is None or transaction.is_active:
+        return False
+    current = root.session.get_transaction()
+    return current is not None and current.is_active
+
+
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    root = _body_root(session)
+    if root is not None and root.boundary is not None and _committed_behind_the_session(root):
+        root.boundary.mark_committed()
+
+
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     # The end of the whole transaction, however the body ended it: COMMIT
     # (after_commit ran first), or ROLLBACK, close() or reset(), which all
@@ -1293,6 +1306,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     root = _body_root(session)
     if root is None:
         return
+    root.connection_tx = None
     if root.committed_now:
         root.committed_now = False
         return

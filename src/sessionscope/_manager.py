@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, S
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
@@ -56,10 +55,6 @@ O = TypeVar("O")  # noqa: E741 - the owner (self / cls / first argument) of a me
 _CACHE_LIMIT = 256
 
 _logger = logging.getLogger("sessionscope")
-
-
-def _follow_commits(role: str, engine: Engine) -> None:
-    event.listen(engine, "commit", _core.connection_committed)
 
 
 class _Host:
@@ -201,10 +196,6 @@ class SessionManager(Generic[S_co, AS_co]):
             _core.install_session_events,
             self._prepare_engine,
         )
-        # Every engine of this manager reports COMMITs the core does not issue.
-        source.add_engine_hook(_follow_commits)
-        for existing in source.created_engines().values():
-            _follow_commits("given", existing)
         self._expire_default = self._config.expire_on_commit
         self._resolved: dict[tuple[tuple[str, type, Any], ...], SessionConfig] = {}
         self.name = name or _backend.safe_url(self.url)
