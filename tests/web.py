@@ -191,10 +191,10 @@ class ServerConnections:
         self.base_url = base_url
 
     def post(self, path: str, **kw: Any) -> httpx.Response:
-        return httpx.post(self.base_url + path, timeout=60, **kw)
+        return httpx.post(self.base_url + path, timeout=300, **kw)
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.base_url + path, timeout=60)
+        return httpx.get(self.base_url + path, timeout=300)
 
 
 @dataclass
