@@ -656,7 +656,10 @@ def _check_child_task(cfg: SessionConfig, key: object, function: str | None) -> 
 
 def push(frame: Frame) -> None:
     """Make ``frame`` the innermost frame of the current context."""
-    frame.below = _live(stack.get())
+    below = stack.get()
+    if below is not None and below.state is _CLOSED:
+        below = _live(below)
+    frame.below = below
     stack.set(frame)
 
 
@@ -714,7 +717,8 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     if action is _NEW:
         return _exit_root(session, frame, exc)
     frame.state = _CLOSED
-    _release_generator(frame)
+    if frame.generator is not None:
+        _release_generator(frame)
     root = frame.root
     if root is not None and root.inner:
         # Not always the last one: generators can end in any order.
@@ -912,7 +916,8 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     if frame.boundary is not None and _committed_behind_the_session(frame):
         frame.boundary.mark_committed()
     frame.state = _ENDING
-    _release_generator(frame)
+    if frame.generator is not None:
+        _release_generator(frame)
     committed = False
     failed = exc is not None and not _is_expected(cfg, exc)
     callbacks: list[Callback] = []
