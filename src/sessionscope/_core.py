@@ -184,12 +184,15 @@ class Boundary:
     was retrying when this one began (a child task's parent): what commits
     under this one commits under it too."""
 
-    __slots__ = ("committed", "key", "outer")
+    __slots__ = ("committed", "key", "open_elsewhere", "outer")
 
     def __init__(self, key: object, outer: Boundary | None = None) -> None:
         self.key = key
         self.outer = outer
         self.committed = False
+        # Scopes under this boundary still open in other tasks or threads (a
+        # child task gather left running): they may commit after a failure.
+        self.open_elsewhere = 0
 
     def mark_committed(self) -> None:
         """Something under this boundary (and every enclosing one) committed."""
@@ -230,6 +233,8 @@ _CONTEXTLIB_FILE: Final = contextlib.__file__
 _WAIT_FOR_TASK: Final = sys.version_info < (3, 12)
 _RELEASE_WAITER: Final = getattr(asyncio.tasks, "_release_waiter", None)
 _YIELD_VALUE: Final = dis.opmap["YIELD_VALUE"]
+_YIELD_FROM: Final = dis.opmap.get("YIELD_FROM", -1)
+_SEND: Final = dis.opmap.get("SEND", -1)
 _ASYNC_GEN_WRAP: Final = dis.opmap.get("ASYNC_GEN_WRAP", -1)
 
 
@@ -264,6 +269,7 @@ class Frame:
         "connection_tx",
         "culprit",
         "due",
+        "epoch",
         "front",
         "function",
         "generator",
@@ -281,6 +287,7 @@ class Frame:
         "stats",
         "trace",
         "veto",
+        "within",
     )
 
     def __init__(
@@ -330,6 +337,12 @@ class Frame:
         # end it behind the session's back (session.connection().commit()).
         self.connection_tx: Any = None
         self.culprit: str | None = None  # the scope whose body spoiled this one
+        # Root: transactions the body ended so far. Savepoint: the root's count
+        # when it began, to tell a savepoint the body closed from a lost one.
+        self.epoch = 0
+        # The scope of the innermost generator running when this one was entered
+        # (only looked for while some generator holds a scope).
+        self.within: Frame | None = None
         # (observer, handle) of each transaction observer watching this scope.
         self.trace: list[tuple[TransactionObserver, object]] | None = None
         self.started = 0.0
@@ -403,11 +416,31 @@ def entered_in_generator(caller: FrameType) -> FrameType | None:
     frame: FrameType | None = caller
     while frame is not None:
         if frame.f_code.co_flags & _GENERATOR_FLAGS:
-            resumer = frame.f_back
+            # A generator delegated to with ``yield from`` is resumed by its
+            # delegator: whoever resumes the outermost one decides.
+            outermost = frame
+            while outermost.f_back is not None and (
+                outermost.f_back.f_code.co_flags & _GENERATOR_FLAGS
+                and outermost.f_back.f_code not in _CM_ENTRIES
+                and _delegates(outermost.f_back)
+            ):
+                outermost = outermost.f_back
+            resumer = outermost.f_back
             if resumer is None or resumer.f_code not in _CM_ENTRIES:
                 return frame
+            frame = resumer
         frame = frame.f_back
     return None
+
+
+def _delegates(generator: FrameType) -> bool:
+    # Paused in ``yield from``: the instruction it stopped at sends to another.
+    code = generator.f_code.co_code
+    at = generator.f_lasti
+    if sys.version_info < (3, 11):
+        return code[at] == _YIELD_FROM
+    # At SEND itself (3.11, 3.13) or at its inline cache entry (3.12).
+    return code[at] == _SEND or (at >= 2 and code[at - 2] == _SEND)
 
 
 def _running(generator: FrameType) -> bool:
@@ -456,15 +489,31 @@ def current_frame(
     ``AsyncSession`` cannot serve blocking code, nor the reverse; nor do scopes
     of different managers (databases)."""
     frame = stack.get()
+    above: Frame | None = None
+    # Inside a running generator that holds a scope, frames entered outside it
+    # (a scope its caller opened after the generator began) are not its own.
+    inner = _running_generator_scope(None, None) if _GENERATOR_SCOPES else None
     while frame is not None:
+        if frame.state is _CLOSED and above is not None:
+            # Splice out a frame that ended below a live one (generators finished
+            # out of order): contexts sharing this chain skip it anyway.
+            above.below = frame = _live(frame)
+            continue
         if (
-            frame.state is not _CLOSED
+            frame.state is _ACTIVE
             and (is_async is None or frame.is_async is is_async)
             and (manager is None or frame.manager is manager)
             and (frame.root is None or frame.root.state is not _CLOSED)
             and _visible(frame, key)
+            and (
+                inner is None
+                or frame is inner
+                or frame.within is inner
+                or frame.generator is not None
+            )
         ):
             return frame
+        above = frame
         frame = frame.below
     if _GENERATOR_SCOPES:
         return _running_generator_scope(is_async, manager)
@@ -482,7 +531,7 @@ def _running_generator_scope(is_async: bool | None, manager: ScopeHost | None) -
         if (
             found is not None
             and found.generator is python_frame
-            and found.state is not _CLOSED
+            and found.state is _ACTIVE
             and (is_async is None or found.is_async is is_async)
             and (manager is None or found.manager is manager)
             and (found.root is None or found.root.state is not _CLOSED)
@@ -518,11 +567,11 @@ def find_outer(
         return current_frame(key, is_async, manager)
     frame = stack.get()
     while frame is not None:
-        if frame.session is explicit and frame.state is not _CLOSED:
+        if frame.session is explicit and frame.state is _ACTIVE:
             return frame
         frame = frame.below
     root: Frame | None = explicit.info.get(_SESSION_FRAME)
-    if root is not None and root.state is not _CLOSED:
+    if root is not None and root.state is _ACTIVE:
         return root  # a scope of another context (a worker thread's request scope)
     return Frame(Action.JOIN, explicit, None, None, _DETACHED_CFG, key, None, None)
 
@@ -549,12 +598,16 @@ def new_frame(
             _check_child_task(cfg, key, function)
         session, front = open_session(cfg)
         frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
+        if _GENERATOR_SCOPES:
+            frame.within = _running_generator_scope(None, None)
         if generator is not None:
             _private_to(frame, generator)
         session.info[_SESSION_FRAME] = frame
         # Whoever retries around this scope, in this task or (for child tasks and
         # threads that inherited the context) in the one that started it.
-        frame.boundary = retry_boundary.get()
+        boundary = frame.boundary = retry_boundary.get()
+        if boundary is not None and boundary.key != key:
+            boundary.open_elsewhere += 1
         frame.started = started = time.perf_counter()
         if stats is not None:
             if cfg.long_session_warning is None:
@@ -583,6 +636,8 @@ def new_frame(
         )
     front = outer.front if outer.front is not None else explicit_front
     frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
+    if _GENERATOR_SCOPES:
+        frame.within = _running_generator_scope(None, None)
     if generator is not None:
         _private_to(frame, generator)
     root = frame.root
@@ -617,7 +672,10 @@ def _begin_trace(frame: Frame, host: ScopeHost) -> None:
 
 def _private_to(frame: Frame, generator: FrameType) -> None:
     frame.generator = generator
-    _GENERATOR_SCOPES[id(generator)] = weakref.ref(frame)
+    # The generator's outermost scope: inner ones are reached through it.
+    ref = _GENERATOR_SCOPES.get(id(generator))
+    if ref is None or ref() is None:
+        _GENERATOR_SCOPES[id(generator)] = weakref.ref(frame)
 
 
 def _release_generator(frame: Frame) -> None:
@@ -680,6 +738,8 @@ def begin_savepoint(session: Session, frame: Frame) -> None:
     If that fails, the scope never began: its frame is closed and forgotten, so
     nothing the owner does afterwards is taken for this scope's doing.
     """
+    if frame.root is not None:
+        frame.epoch = frame.root.epoch
     try:
         frame.savepoint = session.begin_nested()
     except BaseException:
@@ -808,6 +868,11 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         # savepoint is gone, and what the scope did since runs in the enclosing
         # transaction. Kept, its callbacks go to the owner; otherwise that work
         # cannot be undone here, so the enclosing owner must not commit it.
+        root = frame.root
+        if root is not None and root.epoch == frame.epoch:
+            # Not the body's doing: the server dropped the savepoint with the
+            # whole transaction (a MySQL/MariaDB deadlock the body caught).
+            keep = False
         _savepoint_ended(frame, rolled_back=not keep, error=exc)
         if keep:
             _promote_callbacks(frame)
@@ -824,9 +889,17 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             try:
                 # A savepoint deactivated by a failed flush raises here instead of
                 # looking released: its work is gone and the caller must know.
-                savepoint.commit()
+                with _own_operation(frame):
+                    savepoint.commit()
             except BaseException as err:
-                _quietly(savepoint.rollback, "rolling back a savepoint whose RELEASE failed")
+                _rollback_savepoint(frame, savepoint, err)
+                if isinstance(err, sa_exc.DBAPIError):
+                    # The server refused the RELEASE (MySQL/MariaDB: the savepoint
+                    # went with the whole transaction when a deadlock the body
+                    # caught rolled it back): the enclosing work is gone too.
+                    owner = frame.parent.owner if frame.parent is not None else None
+                    if owner is not None:
+                        _mark_rollback_only(owner, err)
                 frame.callbacks = None
                 _savepoint_ended(frame, rolled_back=True, error=err)
                 if exc is None:
@@ -848,24 +921,10 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
     # Roll back even a savepoint a failed flush deactivated: only that closes it
     # and hands the session back to the enclosing transaction.
     if savepoint is not None:
-        if exc is None:
-            savepoint.rollback()
-        else:
-            try:
-                savepoint.rollback()
-            except Exception as err:
-                # The savepoint is gone with the whole transaction (MySQL/MariaDB
-                # roll a deadlock victim's transaction back entirely): the
-                # enclosing scope's earlier work is lost, so it must not commit.
-                logger.warning(
-                    "rolling back to the savepoint of %s failed (%s): the enclosing "
-                    "transaction is marked rollback-only",
-                    frame.function or "scope",
-                    type(err).__name__,
-                )
-                owner = frame.parent.owner if frame.parent is not None else None
-                if owner is not None:
-                    _mark_rollback_only(owner, exc)
+        failure = _rollback_savepoint(frame, savepoint, exc)
+        if failure is not None and exc is None:
+            _savepoint_ended(frame, rolled_back=True, error=failure)
+            raise failure
     _savepoint_ended(frame, rolled_back=True, error=exc)
     if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
         logger.debug(
@@ -880,6 +939,48 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             "was partial. Catch the error inside the inner scope, or give the inner "
             'scope propagation="nested" so its failure is contained.'
         ) from frame.cause
+
+
+@contextlib.contextmanager
+def _own_operation(frame: Frame) -> Iterator[None]:
+    """While sessionscope itself releases or rolls back a savepoint, whatever
+    that does to the whole transaction (SQLAlchemy may roll it back when the
+    server lost it) is not the body's doing."""
+    root = frame.root
+    if root is None or root.state is not _ACTIVE:
+        yield
+        return
+    root.state = _ENDING
+    try:
+        yield
+    finally:
+        root.state = _ACTIVE
+
+
+def _rollback_savepoint(
+    frame: Frame, savepoint: SessionTransaction, cause: BaseException | None
+) -> Exception | None:
+    """ROLLBACK TO the scope's savepoint; return the error if that failed.
+
+    A failure means the savepoint is gone with the whole transaction (MySQL and
+    MariaDB roll a deadlock victim's transaction back entirely): the enclosing
+    scope's earlier work is lost, so its owner is marked rollback-only and can
+    never commit what follows."""
+    try:
+        with _own_operation(frame):
+            savepoint.rollback()
+    except Exception as err:
+        logger.warning(
+            "rolling back to the savepoint of %s failed (%s): the enclosing "
+            "transaction is marked rollback-only",
+            frame.function or "scope",
+            type(err).__name__,
+        )
+        owner = frame.parent.owner if frame.parent is not None else None
+        if owner is not None:
+            _mark_rollback_only(owner, cause or err)
+        return err
+    return None
 
 
 def _savepoint_ended(frame: Frame, *, rolled_back: bool, error: BaseException | None) -> None:
@@ -916,8 +1017,6 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     if frame.boundary is not None and _committed_behind_the_session(frame):
         frame.boundary.mark_committed()
     frame.state = _ENDING
-    if frame.generator is not None:
-        _release_generator(frame)
     committed = False
     failed = exc is not None and not _is_expected(cfg, exc)
     callbacks: list[Callback] = []
@@ -1079,6 +1178,11 @@ def _close(
     if frame.state is _CLOSED:
         return
     frame.state = _CLOSED
+    if frame.generator is not None:
+        _release_generator(frame)
+    boundary = frame.boundary
+    if boundary is not None and boundary.key != frame.key:
+        boundary.open_elsewhere -= 1
     try:
         session.close()
     except BaseException:
@@ -1311,6 +1415,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     root = _body_root(session)
     if root is None:
         return
+    root.epoch += 1
     root.connection_tx = None
     if root.committed_now:
         root.committed_now = False
@@ -1374,13 +1479,16 @@ def next_retry(
     delay = retry_delay_for(cfg, attempt, exc)
     if delay is None:
         return None
-    if boundary is not None and boundary.committed:
+    if boundary is not None and (boundary.committed or boundary.open_elsewhere):
         if cfg.log_levelno <= logging.WARNING:
             logger.warning(
-                "not retrying %s after transient %s: part of its work was already "
-                "committed, so running it again could apply that part twice",
+                "not retrying %s after transient %s: %s, so running it again could "
+                "apply work twice",
                 function or "callable",
                 describe(exc),
+                "part of its work was already committed"
+                if boundary.committed
+                else "a child task or thread of it still has a scope open",
             )
         return None
     record_retry(host.stats if host is not None and cfg.enable_monitoring else None,
