@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,3 +200,24 @@ def _restore_default_config() -> Iterator[None]:
     sessionscope.configure_session(**{
         f: getattr(saved, f) for f in saved.__dataclass_fields__  # type: ignore[attr-defined]
     })
+
+
+@pytest.fixture(params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A manager of its own on each backend, plus an observer connection (the
+    scope-integrity tests: tests/integrity.py)."""
+    from .integrity import make_env
+
+    environment = make_env(request.param, tmp_path)
+    yield environment
+    environment.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def aenv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """:func:`env` for async tests: the async engine is disposed in the test's loop."""
+    from .integrity import make_env
+
+    environment = make_env(request.param, tmp_path)
+    yield environment
+    await environment.aclose()

@@ -31,25 +31,10 @@ from sessionscope import (
     _api,
 )
 
-from .conftest import BACKENDS, reset_schema
+from .conftest import reset_schema
 from .faults import SqliteLock, await_for
 from .integrity import Env, make_env
 from .models import User
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=BACKENDS)
-async def aenv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    await environment.aclose()
-
 
 # -- 1. generators ------------------------------------------------------------------
 

@@ -23,25 +23,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .conftest import BACKENDS
 from .integrity import Env, make_env
 from .models import User
 from .test_review_findings import _break_next_write, _Deadlocker, _two_rows
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=BACKENDS)
-async def aenv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    await environment.aclose()
-
 
 # -- a generator resumed inside a scope its caller opened later --------------------------
 

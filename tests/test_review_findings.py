@@ -38,21 +38,6 @@ from .faults import (
 from .integrity import Env, make_env
 from .models import User
 
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=BACKENDS)
-async def aenv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    environment = make_env(request.param, tmp_path)
-    yield environment
-    await environment.aclose()
-
-
 # -- generators: a scope entered through a helper (ExitStack) -------------------------
 
 
