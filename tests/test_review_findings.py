@@ -566,7 +566,7 @@ def _two_rows(env: Env) -> tuple[int, int]:
     table = User.__table__
     with env.observer.begin() as conn:
         conn.execute(table.insert(), [{"name": "r1"}, {"name": "r2"}])
-        ids = dict(conn.execute(text("SELECT name, id FROM ss_users")).tuples().all())
+        ids = {row[0]: row[1] for row in conn.execute(text("SELECT name, id FROM ss_users"))}
     return int(ids["r1"]), int(ids["r2"])
 
 
