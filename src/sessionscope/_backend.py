@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
@@ -217,10 +218,26 @@ def _aiosqlite_begin(connection: Any) -> None:
     aio = connection.dbapi_connection._connection
     queue = getattr(aio, "_tx", None)
     raw = getattr(aio, "_connection", None)
-    if queue is None or raw is None:
+    if queue is None or raw is None or not _aiosqlite_takes_calls_without_futures():
         await_(aio.execute("BEGIN"))
         return
     queue.put_nowait((None, functools.partial(raw.execute, "BEGIN")))
+
+
+@functools.cache
+def _aiosqlite_takes_calls_without_futures() -> bool:
+    # Older aiosqlite workers (0.19) resolve every call's future unconditionally:
+    # a call queued without one would kill the worker thread.
+    import inspect
+
+    core = sys.modules.get("aiosqlite.core")
+    worker = getattr(core, "_connection_worker_thread", None)
+    if worker is None:
+        return False
+    try:
+        return "if future" in inspect.getsource(worker)
+    except (OSError, TypeError):
+        return False
 
 
 _DIRECT_BEGIN: Final[dict[str, Callable[[Any], None]]] = {
