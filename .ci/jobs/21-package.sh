@@ -32,7 +32,9 @@ meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
 text = zipfile.ZipFile(sys.argv[1]).read(meta).decode()
 extras = sorted(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Provides-Extra:"))
 print("extras:", extras)
-assert extras == ["cli", "fastapi", "mysql", "otel", "postgresql", "prometheus"], extras
+assert extras == [
+    "cli", "fastapi", "flask", "litestar", "mysql", "otel", "postgresql", "prometheus", "starlette"
+], extras
 assert "License-Expression: MIT" in text and "License-File: LICENSE" in text
 PY
 
