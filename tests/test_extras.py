@@ -63,8 +63,42 @@ def test_import_sessionscope_imports_no_optional_dependency(tmp_path: Path) -> N
             "sessionscope.stats_endpoint needs 'fastapi', which is not installed: "
             "pip install 'sessionscope[fastapi]'",
         ),
+        (
+            ["starlette"],
+            "import sessionscope.starlette",
+            "sessionscope.starlette needs 'starlette', which is not installed: "
+            "pip install 'sessionscope[starlette]'",
+        ),
+        (
+            ["flask"],
+            "import sessionscope.flask",
+            "sessionscope.flask needs 'flask', which is not installed: "
+            "pip install 'sessionscope[flask]'",
+        ),
+        (
+            ["litestar"],
+            "import sessionscope.litestar",
+            "sessionscope.litestar needs 'litestar', which is not installed: "
+            "pip install 'sessionscope[litestar]'",
+        ),
+        (
+            ["opentelemetry"],
+            "import sessionscope.otel_tracing",
+            "sessionscope.otel_tracing needs 'opentelemetry', which is not installed: "
+            "pip install 'sessionscope[otel]'",
+        ),
     ],
-    ids=["get_db-anyio", "fastapi", "prometheus", "otel", "stats_endpoint"],
+    ids=[
+        "get_db-anyio",
+        "fastapi",
+        "prometheus",
+        "otel",
+        "stats_endpoint",
+        "starlette",
+        "flask",
+        "litestar",
+        "otel_tracing",
+    ],
 )
 def test_missing_extra_names_the_extra(
     hidden: list[str], statement: str, message: str, tmp_path: Path

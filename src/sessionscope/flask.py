@@ -47,6 +47,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from ._extras import missing_extra
+from ._manager import SessionManager
+from ._request import SyncRequestScope, check_options, manager_getter
+
 try:
     from flask import (
         Flask,
@@ -56,12 +62,8 @@ try:
         has_app_context,
         has_request_context,
     )
-except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("sessionscope.flask needs Flask: pip install 'sessionscope[flask]'") from err
-from sqlalchemy.orm import Session
-
-from ._manager import SessionManager
-from ._request import SyncRequestScope, check_options, manager_getter
+except ImportError as err:
+    raise missing_extra("sessionscope.flask", "flask", err) from err
 
 __all__ = ["SessionScope"]
 

@@ -43,19 +43,10 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any, TypeAlias
 
-try:
-    from litestar.config.app import AppConfig
-    from litestar.di import NamedDependency, Provide
-    from litestar.plugins import InitPluginProtocol
-    from litestar.types import Scope
-    from litestar.utils.scope.state import ScopeState
-except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "sessionscope.litestar needs Litestar: pip install 'sessionscope[litestar]'"
-    ) from err
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from ._extras import missing_extra
 from ._manager import SessionManager
 from ._request import (
     ASGIApp,
@@ -67,6 +58,15 @@ from ._request import (
     manager_getter,
     serve_asgi,
 )
+
+try:
+    from litestar.config.app import AppConfig
+    from litestar.di import NamedDependency, Provide
+    from litestar.plugins import InitPluginProtocol
+    from litestar.types import Scope
+    from litestar.utils.scope.state import ScopeState
+except ImportError as err:
+    raise missing_extra("sessionscope.litestar", "litestar", err) from err
 
 __all__ = ["SessionDep", "SessionScopePlugin", "SyncSessionDep"]
 

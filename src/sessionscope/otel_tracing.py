@@ -32,8 +32,13 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
-from opentelemetry import context, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+from ._extras import missing_extra
+
+try:
+    from opentelemetry import context, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+except ImportError as err:
+    raise missing_extra("sessionscope.otel_tracing", "otel", err) from err
 
 from ._manager import SessionManager
 from ._observe import Outcome, TransactionInfo

@@ -36,15 +36,10 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-try:
-    from starlette.requests import HTTPConnection
-except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "sessionscope.starlette needs Starlette: pip install 'sessionscope[starlette]'"
-    ) from err
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from ._extras import missing_extra
 from ._manager import SessionManager
 from ._request import (
     ASGIApp,
@@ -56,6 +51,11 @@ from ._request import (
     manager_getter,
     serve_asgi,
 )
+
+try:
+    from starlette.requests import HTTPConnection
+except ImportError as err:
+    raise missing_extra("sessionscope.starlette", "starlette", err) from err
 
 __all__ = ["SessionScopeMiddleware", "get_session", "get_sync_session"]
 
