@@ -878,9 +878,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             _promote_callbacks(frame)
             return
         frame.callbacks = None
-        owner = frame.parent.owner if frame.parent is not None else None
-        if owner is not None:
-            _mark_rollback_only(owner, exc or frame.cause or RollbackOnlyError("savepoint lost"))
+        _fail_enclosing(frame, exc or frame.cause or RollbackOnlyError("savepoint lost"))
         if exc is None and frame.veto is _ROLLBACK_ONLY:
             raise _rollback_only_error(frame)
         return
@@ -897,9 +895,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
                     # The server refused the RELEASE (MySQL/MariaDB: the savepoint
                     # went with the whole transaction when a deadlock the body
                     # caught rolled it back): the enclosing work is gone too.
-                    owner = frame.parent.owner if frame.parent is not None else None
-                    if owner is not None:
-                        _mark_rollback_only(owner, err)
+                    _fail_enclosing(frame, err)
                 frame.callbacks = None
                 _savepoint_ended(frame, rolled_back=True, error=err)
                 if exc is None:
@@ -933,12 +929,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             f" after {type(exc).__name__}" if exc is not None else "",
         )
     if exc is None and frame.veto is _ROLLBACK_ONLY:
-        raise RollbackOnlyError(
-            "the savepoint scope was rolled back instead of released: an exception "
-            f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
-            "was partial. Catch the error inside the inner scope, or give the inner "
-            'scope propagation="nested" so its failure is contained.'
-        ) from frame.cause
+        raise _rollback_only_error(frame)
 
 
 @contextlib.contextmanager
@@ -976,11 +967,17 @@ def _rollback_savepoint(
             frame.function or "scope",
             type(err).__name__,
         )
-        owner = frame.parent.owner if frame.parent is not None else None
-        if owner is not None:
-            _mark_rollback_only(owner, cause or err)
+        _fail_enclosing(frame, cause or err)
         return err
     return None
+
+
+def _fail_enclosing(frame: Frame, cause: BaseException) -> None:
+    # A savepoint scope whose work cannot be undone: the scope enclosing it must
+    # not commit it (marked rollback-only, like a failed joined step).
+    owner = frame.parent.owner if frame.parent is not None else None
+    if owner is not None:
+        _mark_rollback_only(owner, cause)
 
 
 def _savepoint_ended(frame: Frame, *, rolled_back: bool, error: BaseException | None) -> None:
@@ -1092,9 +1089,13 @@ def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
             'there, or give that scope propagation="nested" and let the exception '
             "escape it to undo just its own work."
         )
+    ended = (
+        "savepoint scope was rolled back instead of released"
+        if frame.action is _SAVEPOINT
+        else "transaction was rolled back instead of committed"
+    )
     err = RollbackOnlyError(
-        f"the {'savepoint' if frame.action is _SAVEPOINT else 'transaction'} was rolled "
-        "back instead of committed: an exception "
+        f"the {ended}: an exception "
         f"({type(frame.cause).__name__}) escaped a joined inner scope, so its work "
         "was partial. Catch the error inside the inner scope, or give the inner "
         'scope propagation="nested" so its failure is contained.'
