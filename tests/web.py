@@ -45,6 +45,7 @@ from .models import User
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = threading.Event()  # lets a held request (POST /a/hold) finish
+FLUSHED = threading.Event()  # set by POST /a/hold once its row is flushed
 CODES_DDL = (
     "CREATE TABLE ss_web_codes (id serial PRIMARY KEY, code text, "
     "CONSTRAINT ss_web_codes_code UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)"
@@ -502,15 +503,20 @@ def asgi_cancellation_case(app: Any, manager: SessionManager) -> None:
     """In-process: the task serving a request is cancelled while its handler holds a
     connection; the scope rolls back and nothing stays checked out."""
     RELEASE.clear()
+    FLUSHED.clear()
 
     async def run() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             task = asyncio.create_task(c.post("/a/hold/cut"))
             deadline = time.monotonic() + 30
-            while server_stats(manager)["checked_out"] == 0:  # the handler flushed
+            # Wait for the flush itself, not for the checkout: a checkout counts
+            # before the driver has connected, and a task cancelled mid-connect
+            # tests the driver's connect, not the scope.
+            while not FLUSHED.is_set():
                 assert time.monotonic() < deadline and not task.done()
                 await asyncio.sleep(0.01)
+            assert server_stats(manager)["checked_out"] == 1
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

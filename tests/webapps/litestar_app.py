@@ -12,7 +12,7 @@ import sessionscope
 from sessionscope.litestar import SessionDep, SessionScopePlugin, SyncSessionDep
 
 from ..models import User
-from ..web import RELEASE
+from ..web import FLUSHED, RELEASE
 from . import INSERT_CODE, add_user, add_user_sync, which, which_sync
 
 
@@ -51,6 +51,7 @@ async def code(code: FromPath[str], db_session: SessionDep) -> None:
 async def hold(name: FromPath[str], db_session: SessionDep) -> None:
     db_session.add(User(name=name))
     await db_session.flush()
+    FLUSHED.set()
     await anyio.to_thread.run_sync(RELEASE.wait, 60, abandon_on_cancel=True)
 
 

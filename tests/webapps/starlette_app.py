@@ -17,7 +17,7 @@ import sessionscope
 from sessionscope.starlette import SessionScopeMiddleware, get_session, get_sync_session
 
 from ..models import User
-from ..web import RELEASE
+from ..web import FLUSHED, RELEASE
 from . import INSERT_CODE, add_user, add_user_sync, which, which_sync
 
 
@@ -54,6 +54,7 @@ async def hold(request: Request) -> JSONResponse:
     db = get_session(request)
     db.add(User(name=request.path_params["name"]))
     await db.flush()
+    FLUSHED.set()
     await anyio.to_thread.run_sync(RELEASE.wait, 60, abandon_on_cancel=True)
     return JSONResponse({}, status_code=201)
 
