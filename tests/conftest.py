@@ -9,6 +9,8 @@ created if missing, so parallel runs on one machine do not step on each other.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import subprocess
@@ -198,7 +200,7 @@ def _restore_default_config() -> Iterator[None]:
     saved = _api._config
     yield
     sessionscope.configure_session(**{
-        f: getattr(saved, f) for f in saved.__dataclass_fields__  # type: ignore[attr-defined]
+        f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.init
     })
 
 

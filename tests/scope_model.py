@@ -214,7 +214,8 @@ class MFrame:
         self.closed = False
         self.hidden = False
         self.detached = False
-        self.in_generator = False
+        # The generator this frame was entered in (a token per generator), if any.
+        self.gen: object | None = None
 
 
 class Model:
@@ -242,7 +243,7 @@ class Model:
                 return frame
         return None
 
-    def _enter(self, propagation: str, stack: list[MFrame], in_generator: bool) -> MFrame:
+    def _enter(self, propagation: str, stack: list[MFrame], gen: object | None) -> MFrame:
         outer = self._visible(stack)
         if propagation == "requires_new":
             kind = NEW
@@ -256,7 +257,9 @@ class Model:
             kind = SAVEPOINT
         else:
             kind = JOIN
-        if kind == SAVEPOINT and in_generator:
+        # A savepoint entered while a generator runs (in its own scope or in any
+        # scope inside it) is refused unless the transaction is the generator's own.
+        if kind == SAVEPOINT and gen is not None and (outer is None or outer.root.gen is not gen):
             raise ModelError("ActiveScopeError")
         if kind == NEW:
             frame = MFrame(NEW, MSession(), outer)
@@ -267,7 +270,7 @@ class Model:
             if kind == SAVEPOINT:
                 frame.session.layers.append([])
                 frame.session.in_tx = True
-        frame.in_generator = in_generator
+        frame.gen = gen
         stack.append(frame)
         return frame
 
@@ -322,28 +325,28 @@ class Model:
 
     # -- operations
 
-    def _body(self, ops: list[Op], stack: list[MFrame], in_generator: bool) -> None:
+    def _body(self, ops: list[Op], stack: list[MFrame], gen: object | None) -> None:
         for op in ops:
-            self._op(op, stack, in_generator)
+            self._op(op, stack, gen)
 
-    def _op(self, op: Op, stack: list[MFrame], in_generator: bool = False) -> None:
+    def _op(self, op: Op, stack: list[MFrame], gen: object | None = None) -> None:
         if isinstance(op, Scope):
             try:
-                self._scope(op.propagation, op.body, op.fail, stack)
+                self._scope(op.propagation, op.body, op.fail, stack, gen, op.decorated)
             except ModelError:
                 if not op.caught:
                     raise
             return
         if isinstance(op, Gen):
             try:
-                self._gen(op, stack)
+                self._gen(op, stack, gen)
             except ModelError:
                 if not op.caught:
                     raise
             return
         if isinstance(op, Child):
             try:
-                self._scope("required", op.body, op.fail, [])
+                self._scope("required", op.body, op.fail, [], None)
             except ModelError:
                 if not op.caught:
                     raise
@@ -387,10 +390,20 @@ class Model:
             if f.kind == SAVEPOINT:
                 f.detached = True
 
-    def _scope(self, propagation: str, body: list[Op], fail: bool, stack: list[MFrame]) -> None:
-        frame = self._enter(propagation, stack, False)
+    def _scope(
+        self,
+        propagation: str,
+        body: list[Op],
+        fail: bool,
+        stack: list[MFrame],
+        gen: object | None,
+        decorated: bool = False,
+    ) -> None:
+        # A decorated call's scope ends before it returns, so no generator holds
+        # it: the generator rule is not applied to it, but to the scopes it opens.
+        frame = self._enter(propagation, stack, None if decorated else gen)
         try:
-            self._body(body, stack, False)
+            self._body(body, stack, gen)
             if fail:
                 raise ModelError("Boom")
         except ModelError as err:
@@ -398,16 +411,17 @@ class Model:
             raise
         self._exit(frame, None, stack)
 
-    def _gen(self, op: Gen, stack: list[MFrame]) -> None:
-        frame = self._enter(op.propagation, stack, True)
+    def _gen(self, op: Gen, stack: list[MFrame], caller_gen: object | None) -> None:
+        gen = object()  # this generator
+        frame = self._enter(op.propagation, stack, gen)
         try:
-            self._body(op.body, stack, True)
+            self._body(op.body, stack, gen)
         except ModelError as err:
             self._exit(frame, err, stack)
             raise
         frame.hidden = True  # suspended at its yield
         try:
-            self._body(op.between, stack, False)
+            self._body(op.between, stack, caller_gen)
         except ModelError:
             frame.hidden = False
             self._exit(frame, ABANDONED, stack)

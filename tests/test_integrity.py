@@ -415,6 +415,49 @@ def test_commit_of_a_doomed_transaction_is_refused(env: Env) -> None:
     env.assert_clean()
 
 
+def test_refused_commit_inside_a_doomed_savepoint_leaves_the_savepoint_to_roll_back(
+    env: Env,
+) -> None:
+    """``session.commit()`` commits the whole transaction through every open
+    savepoint. Refused because a nested scope is doomed, it must be refused
+    before SQLAlchemy releases that scope's SAVEPOINT: the nested scope then
+    rolls its own work back, and the enclosing scope, which nothing failed,
+    commits what it did. (Refused only after the RELEASE, the nested work
+    could no longer be undone and the enclosing scope had to fail too.)"""
+    manager = env.manager
+    ran: list[str] = []
+    with manager.session_scope() as outer:
+        with pytest.raises(RollbackOnlyError, match="refused"):
+            with manager.session_scope(propagation="nested"):
+                manager.set_rollback(True)
+                with manager.session_scope() as joined:
+                    joined.add(User(name="in the doomed savepoint"))
+                    joined.flush()
+                    joined.commit()
+        outer.add(User(name="after"))
+        manager.on_commit(lambda: ran.append("after"))
+    assert env.rows() == ["after"]
+    assert ran == ["after"]
+    env.assert_clean()
+
+
+async def test_async_refused_commit_inside_a_doomed_savepoint_leaves_it_to_roll_back(
+    aenv: Env,
+) -> None:
+    manager = aenv.manager
+    async with manager.async_session_scope() as outer:
+        with pytest.raises(RollbackOnlyError, match="refused"):
+            async with manager.async_session_scope(propagation="nested"):
+                manager.set_rollback(True)
+                async with manager.async_session_scope() as joined:
+                    joined.add(User(name="in the doomed savepoint"))
+                    await joined.flush()
+                    await joined.commit()
+        outer.add(User(name="after"))
+    assert aenv.rows() == ["after"]
+    aenv.assert_clean()
+
+
 def test_owner_commit_and_rollback_keep_raw_semantics(env: Env) -> None:
     """The owner's own COMMIT commits (the seed's example), its own ROLLBACK
     undoes what came before and the scope goes on with a new transaction."""

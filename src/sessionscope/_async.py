@@ -29,13 +29,11 @@ from ._decorate import (
     prepare,
     scope_manager,
 )
-from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
+from ._errors import ActiveScopeError
 from ._policy import Action
 
 if TYPE_CHECKING:
     from contextvars import Token
-
-    from sqlalchemy.orm import Session
 
     from ._config import SessionConfig
 
@@ -46,9 +44,6 @@ T = TypeVar("T")
 _NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT  # see _core._NEW
 _ACTIVE = _core.FrameState.ACTIVE
 
-
-def _not_set_up(cfg: SessionConfig) -> tuple[Session, AsyncSession]:
-    raise SessionFactoryNotInitializedError("a scope that opens its own session")
 
 
 class AsyncScope:
@@ -81,24 +76,15 @@ class AsyncScope:
                 "would share (and then close) its session. Create one scope object per "
                 "async with block: async with async_session_scope() as session: ..."
             )
-        cfg = self._cfg
-        manager = self._manager
         explicit = self._explicit
-        key = _core.context_key()
-        outer = _core.find_outer(
-            key, True, explicit.sync_session if explicit is not None else None, manager
-        )
-        frame = _core.new_frame(
-            cfg,
-            key,
-            outer,
-            manager.open_async if manager is not None else _not_set_up,
-            manager.stats if cfg.enable_monitoring and manager is not None else None,
+        frame = _core.open_frame(
+            self._cfg,
+            True,
+            self._manager,
             self._function,
+            None if self._function is not None else sys._getframe(1),
+            explicit.sync_session if explicit is not None else None,
             explicit,
-            manager,
-            # A decorated call's scope ends before it returns: no generator holds it.
-            None if self._function is not None else _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             await frame.front.run_sync(_core.begin_savepoint, frame)
@@ -222,17 +208,18 @@ def decorate_async(
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         explicit = injection.explicit(args, kwargs)
-        manager = scope_manager(get_manager, explicit is not None)
-        cfg = manager.resolve(key, overrides) if manager is not None else detached
+        manager = get_manager() if explicit is None else scope_manager(get_manager, True)
+        if manager is None:
+            cfg = detached
+        else:
+            cfg = manager.resolve(key, overrides) if overrides else manager.config
 
         async def once() -> T:
             async with AsyncScope(manager, cfg, explicit, name) as session:
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return await func(*call_args, **call_kwargs)
 
-        token = _core.enter_retry_boundary(
-            cfg, explicit=explicit is not None, is_async=True, manager=manager
-        )
+        token = _core.enter_retry_boundary(cfg, explicit is not None, True, manager)
         if token is None:
             return await once()
         return await acall_with_retry(manager, cfg, name, once, token)

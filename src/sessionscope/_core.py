@@ -42,7 +42,7 @@ import time
 import weakref
 from asyncio import current_task, isfuture
 from asyncio.events import _get_running_loop
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from threading import get_ident
 from types import FrameType
@@ -60,9 +60,10 @@ from ._errors import (
     NoActiveScopeError,
     PoolExhaustedError,
     RollbackOnlyError,
+    SessionFactoryNotInitializedError,
 )
 from ._observe import Outcome, TransactionInfo, TransactionObserver
-from ._policy import Action, decide, joins
+from ._policy import ALONE, JOINING, Action, decide
 from ._poolwait import waited_since
 from ._retry import describe, is_disconnect, retry_delay_for
 
@@ -90,9 +91,9 @@ __all__ = [
     "find_outer",
     "install_session_events",
     "logger",
-    "new_frame",
     "next_retry",
     "on_commit",
+    "open_frame",
     "pool_exhausted",
     "pop",
     "push",
@@ -122,6 +123,8 @@ class ScopeHost(Protocol):
     stats: Stats
     name: str
     observers: tuple[TransactionObserver, ...]
+    config: SessionConfig
+    """The manager's configuration: what a scope without overrides uses."""
 
     def open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
         """A new ``Session`` for a scope with ``cfg`` (twice: core and front)."""
@@ -204,7 +207,10 @@ class Boundary:
 
 retry_boundary: ContextVar[Boundary | None] = ContextVar("sessionscope_retrying", default=None)
 
-_SESSION_FRAME: Final = "sessionscope_frame"  # session.info key: the owning NEW frame
+# The owning NEW frame of a session sessionscope opened, kept in the session's
+# own __dict__ rather than in session.info: info is a dict built on first use,
+# and the frame lookups of every transaction would pay for building it.
+_SESSION_FRAME: Final = "_sessionscope_frame"
 
 # A scope entered in a generator resumed by one of these is the ``with`` block's
 # scope (``@contextmanager`` / ``@asynccontextmanager``), not the generator's own.
@@ -570,39 +576,61 @@ def find_outer(
         if frame.session is explicit and frame.state is _ACTIVE:
             return frame
         frame = frame.below
-    root: Frame | None = explicit.info.get(_SESSION_FRAME)
+    root: Frame | None = explicit.__dict__.get(_SESSION_FRAME)
     if root is not None and root.state is _ACTIVE:
         return root  # a scope of another context (a worker thread's request scope)
     return Frame(Action.JOIN, explicit, None, None, _DETACHED_CFG, key, None, None)
 
 
-def new_frame(
+def open_frame(
     cfg: SessionConfig,
-    key: object,
-    outer: Frame | None,
-    open_session: Callable[[SessionConfig], tuple[Session, Any]],
-    stats: Stats | None,
+    is_async: bool,
+    host: ScopeHost | None,
     function: str | None,
+    caller: FrameType | None,
+    explicit: Session | None = None,
     explicit_front: Any = None,
-    manager: ScopeHost | None = None,
-    generator: FrameType | None = None,
 ) -> Frame:
-    """Decide what a scope does (raising for mandatory/never/durable and, with
-    ``child_tasks="forbid"``, for a child task's scope) and build its frame.
-    Opens a ``Session`` object for NEW, which touches no connection. The caller
-    pushes the frame and, for SAVEPOINT, calls :func:`begin_savepoint`.
+    """Everything a front does on entry before any I/O: find the frame the new
+    scope relates to (:func:`find_outer`), decide what the scope does (raising
+    for mandatory/never/durable and, with ``child_tasks="forbid"``, for a child
+    task's scope), and build its frame; for NEW, open a ``Session`` object, which
+    touches no connection. The front then, for SAVEPOINT, calls
+    :func:`begin_savepoint`, and pushes the frame.
+
+    ``caller`` is the Python frame that entered a ``with`` scope, None for a
+    decorated call (whose scope ends before it returns, so no generator holds
+    it): it decides whether a generator holds the scope
+    (:func:`entered_in_generator`) and where the long-held warning says the
+    session was opened.
     """
-    action = decide(cfg.propagation, outer is not None, cfg.durable)
+    key = context_key()
+    top = stack.get()
+    if explicit is not None:
+        outer = find_outer(key, is_async, explicit, host)
+    elif top is None and not _GENERATOR_SCOPES:
+        outer = None  # nothing is open in this context: the common case, no lookup
+    else:
+        outer = current_frame(key, is_async, host)
+    generator = entered_in_generator(caller) if caller is not None else None
+    action = (
+        decide(cfg.propagation, True, cfg.durable)
+        if outer is not None
+        else ALONE.get(cfg.propagation) or decide(cfg.propagation, False, cfg.durable)
+    )
     if action is _NEW:
-        if outer is None and stack.get() is not None:
+        if outer is None and top is not None:
             _check_child_task(cfg, key, function)
-        session, front = open_session(cfg)
-        frame = Frame(action, session, front, outer, cfg, key, stats, function, manager)
+        if host is None:
+            raise SessionFactoryNotInitializedError("a scope that opens its own session")
+        session, front = host.open_async(cfg) if is_async else host.open_sync(cfg)
+        stats = host.stats if cfg.enable_monitoring else None
+        frame = Frame(action, session, front, outer, cfg, key, stats, function, host)
         if _GENERATOR_SCOPES:
             frame.within = _running_generator_scope(None, None)
         if generator is not None:
             _private_to(frame, generator)
-        session.info[_SESSION_FRAME] = frame
+        session.__dict__[_SESSION_FRAME] = frame
         # Whoever retries around this scope, in this task or (for child tasks and
         # threads that inherited the context) in the one that started it.
         boundary = frame.boundary = retry_boundary.get()
@@ -614,13 +642,13 @@ def new_frame(
                 stats.session_opened()
             else:
                 stats.session_opened_watched(
-                    id(frame), started, cfg.long_session_warning, _watch.where(function)
+                    frame, started, cfg.long_session_warning, _watch.where(function, caller)
                 )
                 if started >= stats.next_deadline:
                     _watch.warn_overdue(stats, started)
-        if manager is not None and manager.observers:
-            _begin_trace(frame, manager)
-        if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
+        if host.observers:
+            _begin_trace(frame, host)
+        if cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug("session opened (%s)", function or "scope")
         return frame
     assert outer is not None  # decide() returns NEW when there is no outer frame
@@ -635,7 +663,8 @@ def new_frame(
             "session of the generator's own."
         )
     front = outer.front if outer.front is not None else explicit_front
-    frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, manager)
+    stats = host.stats if host is not None and cfg.enable_monitoring else None
+    frame = Frame(action, outer.session, front, outer, cfg, key, stats, function, host)
     if _GENERATOR_SCOPES:
         frame.within = _running_generator_scope(None, None)
     if generator is not None:
@@ -689,7 +718,7 @@ def _release_generator(frame: Frame) -> None:
 
 def _check_child_task(cfg: SessionConfig, key: object, function: str | None) -> None:
     if cfg.child_tasks == "independent" and not (
-        logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG
+        cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG)
     ):
         return
     parent = _foreign_task_frame(key)
@@ -729,7 +758,8 @@ def pop(frame: Frame) -> None:
     frame is closed by its exit, and lookups skip closed frames.
     """
     if stack.get() is frame:
-        stack.set(_live(frame.below))
+        below = frame.below
+        stack.set(below if below is None or below.state is not _CLOSED else _live(below))
 
 
 def begin_savepoint(session: Session, frame: Frame) -> None:
@@ -750,15 +780,15 @@ def begin_savepoint(session: Session, frame: Frame) -> None:
             with contextlib.suppress(ValueError):
                 root.inner.remove(frame)
         raise
-    if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+    if frame.cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
         logger.debug("savepoint begun (%s)", frame.function or "scope")
 
 
-Exit = tuple[list[Callback], BaseException | None]
+Exit = tuple[Sequence[Callback], BaseException | None]
 """What :func:`exit_frame` leaves to the front: the ``on_commit`` callbacks to run
 now, then the error to raise (None: let the body's exception, if any, go on)."""
 
-_NOTHING: Final[Exit] = ([], None)
+_NOTHING: Final[Exit] = ((), None)
 
 
 def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
@@ -817,7 +847,7 @@ def _record_call(frame: Frame, failed: bool) -> None:
 def _mark_rollback_only(owner: Frame, exc: BaseException) -> None:
     if owner.veto is None or owner.veto < _ROLLBACK_ONLY:
         owner.forbid(_ROLLBACK_ONLY, exc)
-        if logger.isEnabledFor(logging.DEBUG) and owner.cfg.log_levelno <= logging.DEBUG:
+        if owner.cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "transaction marked rollback-only by %s escaping a joined scope",
                 type(exc).__name__,
@@ -910,7 +940,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
                 return
         _promote_callbacks(frame)
         _savepoint_ended(frame, rolled_back=False, error=None)
-        if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+        if frame.cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug("savepoint released (%s)", frame.function or "scope")
         return
     frame.callbacks = None
@@ -922,7 +952,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             _savepoint_ended(frame, rolled_back=True, error=failure)
             raise failure
     _savepoint_ended(frame, rolled_back=True, error=exc)
-    if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+    if frame.cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "rolled back to savepoint (%s)%s",
             frame.function or "scope",
@@ -1011,12 +1041,13 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
 
 def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
     cfg = frame.cfg
-    if frame.boundary is not None and _committed_behind_the_session(frame):
-        frame.boundary.mark_committed()
+    boundary = frame.boundary
+    if boundary is not None and _committed_behind_the_session(frame):
+        boundary.mark_committed()
     frame.state = _ENDING
     committed = False
     failed = exc is not None and not _is_expected(cfg, exc)
-    callbacks: list[Callback] = []
+    callbacks: Sequence[Callback] = ()
     error: BaseException | None = None
     if exc is not None and cfg.log_levelno <= logging.WARNING:
         _log_failure(frame, exc, at_exit=False, expected=not failed)
@@ -1027,7 +1058,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
                 failed = True
                 if session.in_transaction():
                     session.rollback()
-                callbacks = frame.due or []
+                callbacks = frame.due or ()
                 if cfg.auto_commit:
                     raise _rollback_only_error(frame)
             elif frame.commit_in_flight:
@@ -1049,16 +1080,17 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
                 # else nothing is pending (the body committed itself, or sent
                 # nothing): it counts as a successful commit all the same.
                 committed = True
-                if frame.boundary is not None and not cfg.read_only:
-                    frame.boundary.mark_committed()
-                callbacks = (frame.due or []) + (frame.callbacks or [])
+                if boundary is not None and not boundary.committed and not cfg.read_only:
+                    boundary.mark_committed()
+                due, own = frame.due, frame.callbacks
+                callbacks = (due + own if own else due) if due else (own or ())
             else:
                 # auto_commit=False or set_rollback(True): close() below returns
                 # the connection, whose reset rolls the work back. Callbacks
                 # whose COMMIT the body made itself still run.
-                callbacks = frame.due or []
+                callbacks = frame.due or ()
         else:
-            callbacks = frame.due or []
+            callbacks = frame.due or ()
             if cfg.auto_rollback and session.in_transaction():
                 _quietly(session.rollback, "rolling back after an exception")
             if (frame.commit_in_flight or frame.commit_failed) and is_disconnect(exc):
@@ -1074,7 +1106,7 @@ def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exi
             _log_failure(frame, err, at_exit=True, expected=False)
         error = err
     finally:
-        _close(session, frame, committed=committed, failed=failed, error=error or exc)
+        _close(session, frame, committed, failed, error or exc)
     return callbacks, error
 
 
@@ -1109,7 +1141,7 @@ def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool, expected: b
     an error's text can hold SQL and bound parameters."""
     name = frame.function or "scope"
     if expected:
-        if logger.isEnabledFor(logging.DEBUG) and frame.cfg.log_levelno <= logging.DEBUG:
+        if frame.cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug("transaction of %s rolled back: %s", name, type(err).__name__)
     elif isinstance(err, RollbackOnlyError):
         logger.warning(
@@ -1169,7 +1201,6 @@ def _commit(session: Session, frame: Frame) -> None:
 def _close(
     session: Session,
     frame: Frame,
-    *,
     committed: bool,
     failed: bool,
     error: BaseException | None = None,
@@ -1190,7 +1221,7 @@ def _close(
         _quietly(session.invalidate, "invalidating a connection whose close failed")
         raise
     finally:
-        session.info.pop(_SESSION_FRAME, None)
+        session.__dict__.pop(_SESSION_FRAME, None)
         frame.inner = None
         if frame.trace:
             _end_trace(frame, committed=committed, failed=failed, error=error)
@@ -1203,19 +1234,13 @@ def _close(
             # transaction's: it is left out of the slow threshold.
             wait = waited_since(frame.started)
             slow = stats.transaction_ended(
-                committed=committed,
-                failed=failed,
-                duration=duration,
-                slow_threshold=cfg.slow_threshold,
-                function=frame.function,
-                key=id(frame),
-                pool_wait=wait,
+                committed, failed, duration, cfg.slow_threshold, frame.function, frame, wait
             )
             if now >= stats.next_deadline:
                 _watch.warn_overdue(stats, now)
             if slow and cfg.log_levelno <= logging.WARNING:
                 stats.warn_slow(frame.function or "scope", duration, wait, cfg.slow_threshold, now)
-        if logger.isEnabledFor(logging.DEBUG) and cfg.log_levelno <= logging.DEBUG:
+        if cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "session closed (%s): %s in %.6f s",
                 frame.function or "scope",
@@ -1247,7 +1272,7 @@ def abort_frame(session: Session, frame: Frame) -> None:
     if frame.action is not Action.NEW or frame.state is _CLOSED:
         return
     _quietly(session.invalidate, "invalidating the connection of an interrupted scope")
-    _close(session, frame, committed=False, failed=True)
+    _close(session, frame, False, True)
 
 
 def _quietly(action: Callable[[], object], what: str) -> None:
@@ -1334,19 +1359,37 @@ def install_session_events(session_class: type[Session]) -> None:
     event.listen(session_class, "before_flush", _before_flush)
 
 
-def _body_root(session: Session) -> Frame | None:
-    # The owning frame when the body (not sessionscope) acts on the whole
-    # transaction; savepoint-level events are the savepoint frames' business.
-    root: Frame | None = session.info.get(_SESSION_FRAME)
-    if root is None or root.state is not _ACTIVE:
-        return None
-    return root
+# Each listener below first finds the owning frame of the session while its
+# body (not sessionscope) runs: the session's frame, if still ACTIVE (during
+# sessionscope's own COMMIT, ROLLBACK and close it is ENDING, and the
+# listeners return at once). The lookup is written out in each: these run for
+# every transaction, where a shared helper's call costs more than the rest.
 
 
 def _before_commit(session: Session) -> None:
-    root = _body_root(session)
-    if root is None or session.in_nested_transaction():
+    root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+    if root is None or root.state is not _ACTIVE:
         return
+    if session.in_nested_transaction():
+        # A savepoint is being released. When it is a scope's own, the body is
+        # committing the whole transaction through it (session.commit()):
+        # refuse now, before SQLAlchemy releases it, so that the scope can
+        # still roll its own work back.
+        nested = session.get_nested_transaction()
+        if root.inner and any(frame.savepoint is nested for frame in root.inner):
+            _refuse_if_vetoed(root)
+        return
+    _refuse_if_vetoed(root)
+    root.commit_in_flight = True
+    root.connection_tx = None  # this COMMIT ends it: not behind the session's back
+    if root.boundary is not None:
+        # From here on the unit is no longer atomic: never re-run it.
+        root.boundary.mark_committed()
+
+
+def _refuse_if_vetoed(root: Frame) -> None:
+    """Raise :class:`RollbackOnlyError` for the body's COMMIT of a transaction
+    that a scope of it (the owner, or a savepoint scope) must not commit."""
     for frame in (root, *(root.inner or ())):
         if frame.veto is not None and frame.owner is frame:
             raise RollbackOnlyError(
@@ -1360,16 +1403,11 @@ def _before_commit(session: Session) -> None:
                 + ", so committing would make partial work durable. Nothing was "
                 "committed; let the error propagate, or roll back instead."
             ) from frame.cause
-    root.commit_in_flight = True
-    root.connection_tx = None  # this COMMIT ends it: not behind the session's back
-    if root.boundary is not None:
-        # From here on the unit is no longer atomic: never re-run it.
-        root.boundary.mark_committed()
 
 
 def _after_commit(session: Session) -> None:
-    root = _body_root(session)
-    if root is None or session.in_nested_transaction():
+    root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+    if root is None or root.state is not _ACTIVE or session.in_nested_transaction():
         return
     root.commit_in_flight = False
     root.committed_now = True
@@ -1384,8 +1422,8 @@ def _after_commit(session: Session) -> None:
 
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
     if transaction.parent is None:
-        root = _body_root(session)
-        if root is not None:
+        root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+        if root is not None and root.state is _ACTIVE:
             root.connection_tx = connection.get_transaction()
 
 
@@ -1402,8 +1440,13 @@ def _committed_behind_the_session(root: Frame) -> bool:
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    root = _body_root(session)
-    if root is not None and root.boundary is not None and _committed_behind_the_session(root):
+    root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+    if (
+        root is not None
+        and root.boundary is not None
+        and root.state is _ACTIVE
+        and _committed_behind_the_session(root)
+    ):
         root.boundary.mark_committed()
 
 
@@ -1411,11 +1454,11 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     # The end of the whole transaction, however the body ended it: COMMIT
     # (after_commit ran first), or ROLLBACK, close() or reset(), which all
     # discard it.
-    if transaction.parent is not None or session.info.get(INTERNAL_ROLLBACK):
-        return  # a savepoint, or sessionscope's own (a routing fallback)
-    root = _body_root(session)
-    if root is None:
-        return
+    if transaction.parent is not None:
+        return  # a savepoint
+    root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+    if root is None or root.state is not _ACTIVE or session.info.get(INTERNAL_ROLLBACK):
+        return  # not a body's doing (INTERNAL_ROLLBACK: a routing fallback)
     root.epoch += 1
     root.connection_tx = None
     if root.committed_now:
@@ -1443,7 +1486,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 
 def enter_retry_boundary(
-    cfg: SessionConfig, *, explicit: bool, is_async: bool | None, manager: ScopeHost | None
+    cfg: SessionConfig, explicit: bool, is_async: bool | None, manager: ScopeHost | None
 ) -> Token[Boundary | None] | None:
     """The one decision of whether a call retries: make the caller the retrying
     boundary of its thread or task and return the token to reset, or None to
@@ -1456,7 +1499,9 @@ def enter_retry_boundary(
         return None
     key = context_key()
     if explicit or (
-        joins(cfg.propagation) and current_frame(key, is_async, manager) is not None
+        cfg.propagation in JOINING
+        and (stack.get() is not None or _GENERATOR_SCOPES)
+        and current_frame(key, is_async, manager) is not None
     ):
         return None
     outer = retry_boundary.get()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import StatementError
@@ -64,6 +64,11 @@ class Injection:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments with ``session`` put in place of the hidden parameter."""
+        if self.index == 0 and not kwargs and not self.keyword_only:
+            # The usual shape, ``def f(session, ...)`` called positionally.
+            if args and isinstance(args[0], self.session_types):
+                return (session, *args[1:]), kwargs
+            return (session, *args), kwargs
         if _SESSION_PARAM in kwargs:
             kwargs = dict(kwargs)
             kwargs[_SESSION_PARAM] = session
@@ -208,7 +213,7 @@ def _carries_statement(err: BaseException | None) -> bool:
     return False
 
 
-def run_callbacks_sync(callbacks: list[Callable[[], Any]]) -> None:
+def run_callbacks_sync(callbacks: Sequence[Callable[[], Any]]) -> None:
     """Run ``on_commit`` callbacks in registration order; failures are logged."""
     for callback in callbacks:
         try:

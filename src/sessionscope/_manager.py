@@ -62,6 +62,7 @@ class _Host:
     bound methods, so that a scope pays no extra call for the indirection."""
 
     __slots__ = (
+        "config",
         "name",
         "observers",
         "open_async",
@@ -73,6 +74,7 @@ class _Host:
 
     def __init__(self, manager: SessionManager[Any, Any]) -> None:
         self.name = manager.name
+        self.config = manager.config
         self.observers: tuple[TransactionObserver, ...] = ()
         self.open_sync = manager._open_sync
         self.open_async = manager._open_async
@@ -226,6 +228,8 @@ class SessionManager(Generic[S_co, AS_co]):
                 name=self.name,
                 log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
             )
+        self._plain: SessionConfig | None = None
+        self._note_config()
         self._host = _Host(self)
 
     def __repr__(self) -> str:
@@ -302,15 +306,11 @@ class SessionManager(Generic[S_co, AS_co]):
 
     def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
         source = self._source
-        if self._cluster is not None and self._on_cluster(cfg, False):
+        if cfg is self._plain:
+            session = source.session_factory()
+        elif self._cluster is not None and self._on_cluster(cfg, False):
             session = self._open_on_node(cfg, False)
-        elif (
-            cfg.isolation_level is None
-            and not cfg.read_only
-            and cfg.timeout is None
-            and not cfg.causal_reads
-            and cfg.expire_on_commit is self._expire_default
-        ):
+        elif self._no_options(cfg):
             session = source.session_factory()
         elif cfg.read_only and self._router is not None and not source.is_bound(False):
             target = self._router.target(cfg, False)
@@ -322,15 +322,11 @@ class SessionManager(Generic[S_co, AS_co]):
 
     def _open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
         source = self._source
-        if self._cluster is not None and self._on_cluster(cfg, True):
+        if cfg is self._plain:
+            front = source.async_session_factory()
+        elif self._cluster is not None and self._on_cluster(cfg, True):
             front = self._open_on_node(cfg, True)
-        elif (
-            cfg.isolation_level is None
-            and not cfg.read_only
-            and cfg.timeout is None
-            and not cfg.causal_reads
-            and cfg.expire_on_commit is self._expire_default
-        ):
+        elif self._no_options(cfg):
             front = source.async_session_factory()
         elif cfg.read_only and self._router is not None and not source.is_bound(True):
             target = self._router.target(cfg, True)
@@ -381,7 +377,26 @@ class SessionManager(Generic[S_co, AS_co]):
         new = self._config.merged(fields)
         self._config = new
         self._resolved = {}
+        self._note_config()
+        self._host.config = new
         return new
+
+    def _note_config(self) -> None:
+        # The manager's own config, when a scope with it opens a plain session
+        # from the default factory (no per-scope option, no cluster): scopes
+        # without overrides then skip the checks of _open_sync / _open_async.
+        cfg = self._config
+        self._plain = cfg if self._cluster is None and self._no_options(cfg) else None
+
+    def _no_options(self, cfg: SessionConfig) -> bool:
+        # Whether a session for ``cfg`` is the default factory's, as it comes.
+        return (
+            cfg.isolation_level is None
+            and not cfg.read_only
+            and cfg.timeout is None
+            and not cfg.causal_reads
+            and cfg.expire_on_commit is self._expire_default
+        )
 
     def _resolve(
         self, key: tuple[tuple[str, type, Any], ...] | None, overrides: Mapping[str, Any]
@@ -404,23 +419,22 @@ class SessionManager(Generic[S_co, AS_co]):
     ) -> AbstractContextManager[S_co, None]:
         """A context manager yielding a ``Session`` (of this manager's session
         class) in a transaction scope."""
-        # The scope opens sessions of this manager's class: its static type says so.
-        if not overrides:
-            return cast("AbstractContextManager[S_co, None]", SyncScope(self._host, self._config))
-        scope = SyncScope(self._host, self._resolve(options_key(overrides), overrides))
-        return cast("AbstractContextManager[S_co, None]", scope)
+        # The scope opens sessions of this manager's class: its static type says so
+        # (an ignore rather than cast(), which is a call on every scope).
+        return SyncScope(  # type: ignore[return-value]
+            self._host,
+            self._config if not overrides else self._resolve(options_key(overrides), overrides),
+        )
 
     def async_session_scope(
         self, **overrides: Unpack[ScopeOptions]
     ) -> AbstractAsyncContextManager[AS_co, None]:
         """An async context manager yielding an ``AsyncSession`` (of this manager's
         async session class) in a transaction scope."""
-        if not overrides:
-            return cast(
-                "AbstractAsyncContextManager[AS_co, None]", AsyncScope(self._host, self._config)
-            )
-        scope = AsyncScope(self._host, self._resolve(options_key(overrides), overrides))
-        return cast("AbstractAsyncContextManager[AS_co, None]", scope)
+        return AsyncScope(  # type: ignore[return-value]
+            self._host,
+            self._config if not overrides else self._resolve(options_key(overrides), overrides),
+        )
 
     @overload
     def with_session(  # type: ignore[overload-overlap]  # first match wins: session first

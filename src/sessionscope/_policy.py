@@ -14,7 +14,7 @@ from typing import Final, Literal, get_args
 
 from ._errors import ActiveScopeError, NoActiveScopeError
 
-__all__ = ["PROPAGATIONS", "RULES", "Action", "Propagation", "Rule", "decide", "joins"]
+__all__ = ["ALONE", "JOINING", "PROPAGATIONS", "RULES", "Action", "Propagation", "Rule", "decide"]
 
 Propagation = Literal["required", "nested", "requires_new", "mandatory", "never"]
 
@@ -66,6 +66,14 @@ if PROPAGATIONS != RULES.keys():  # pragma: no cover - a mode added in one place
     raise RuntimeError("every propagation mode needs exactly one row in RULES")
 
 
+ALONE: Final[dict[str, Action]] = {
+    mode: rule.outside for mode, rule in RULES.items() if rule.outside is not None
+}
+"""What a scope of each mode does with no enclosing scope, for the modes that
+allow that (:func:`decide` raises for the others): a lookup instead of a call
+on every outermost scope."""
+
+
 def decide(propagation: str, has_outer: bool, durable: bool) -> Action:
     """Map ``propagation`` and the presence of an enclosing scope to an :class:`Action`.
 
@@ -91,7 +99,7 @@ def decide(propagation: str, has_outer: bool, durable: bool) -> Action:
     return action
 
 
-def joins(propagation: str) -> bool:
-    """True if a scope of this mode inside another shares its session (joins or
-    saves a point in it): such a call is part of the enclosing unit of work."""
-    return RULES[propagation].inside is not Action.NEW
+JOINING: Final = frozenset(mode for mode, rule in RULES.items() if rule.inside is not Action.NEW)
+"""The modes whose scope inside another shares its session (joins it or saves
+a point in it): such a call is part of the enclosing unit of work."""
+

@@ -146,7 +146,7 @@ class Stats:
         self.functions: dict[str, _Func] = {}
         self.retry_errors: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
-        self._held: dict[int, tuple[float, float, float, object]] = {}
+        self._held: dict[object, tuple[float, float, object]] = {}
         self.next_deadline = math.inf
         """Earliest deadline of a watched session; read without the lock as a
         cheap "is a long-held check due?" test (a stale value only causes one
@@ -161,29 +161,31 @@ class Stats:
             self.active_sessions += 1
 
     def session_opened_watched(
-        self, key: int, started: float, threshold: float, where: object
+        self, key: object, started: float, threshold: float, where: object
     ) -> None:
         """:meth:`session_opened` for a session watched for the long-held
-        warning: ``key`` identifies it until :meth:`transaction_ended`, ``where``
-        is returned by :meth:`overdue` (opaque here)."""
+        warning: ``key`` (any hashable object, compared by identity in
+        practice: the scope's frame) identifies it until
+        :meth:`transaction_ended`, ``where`` is returned by :meth:`overdue`
+        (opaque here)."""
         deadline = started + threshold
         with self._lock:
             self.session_count += 1
             self.active_sessions += 1
-            # A tuple, not an object: this runs for every session by default.
-            self._held[key] = (deadline, started, threshold, where)
+            # A tuple of what was given, not an object: this runs for every
+            # session by default, and each extra object is memory per session.
+            self._held[key] = (started, threshold, where)
             if deadline < self.next_deadline:
                 self.next_deadline = deadline
 
     def transaction_ended(
         self,
-        *,
         committed: bool,
         failed: bool,
         duration: float,
         slow_threshold: float,
         function: str | None,
-        key: int = 0,
+        key: object = None,
         pool_wait: float = 0.0,
     ) -> bool:
         """Record the end of a scope that owned its session; return True if slow.
@@ -324,7 +326,8 @@ class Stats:
         with self._lock:
             found: list[tuple[float, float, object]] = []
             earliest = math.inf
-            for key, (deadline, started, threshold, where) in list(self._held.items()):
+            for key, (started, threshold, where) in list(self._held.items()):
+                deadline = started + threshold
                 if deadline <= now:
                     del self._held[key]
                     found.append((now - started, threshold, where))

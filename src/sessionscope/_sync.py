@@ -24,7 +24,7 @@ from ._decorate import (
     run_callbacks_sync,
     scope_manager,
 )
-from ._errors import ActiveScopeError, SessionFactoryNotInitializedError
+from ._errors import ActiveScopeError
 from ._policy import Action
 
 if TYPE_CHECKING:
@@ -39,9 +39,6 @@ T = TypeVar("T")
 _SAVEPOINT = Action.SAVEPOINT  # see _core._NEW
 _ACTIVE = _core.FrameState.ACTIVE
 
-
-def _not_set_up(cfg: SessionConfig) -> tuple[Session, Session]:
-    raise SessionFactoryNotInitializedError("a scope that opens its own session")
 
 
 class SyncScope:
@@ -74,21 +71,13 @@ class SyncScope:
                 "share (and then close) its session. Create one scope object per with "
                 "block: with session_scope() as session: ..."
             )
-        cfg = self._cfg
-        manager = self._manager
-        key = _core.context_key()
-        outer = _core.find_outer(key, False, self._explicit, manager)
-        frame = _core.new_frame(
-            cfg,
-            key,
-            outer,
-            manager.open_sync if manager is not None else _not_set_up,
-            manager.stats if cfg.enable_monitoring and manager is not None else None,
+        frame = _core.open_frame(
+            self._cfg,
+            False,
+            self._manager,
             self._function,
+            None if self._function is not None else sys._getframe(1),
             self._explicit,
-            manager,
-            # A decorated call's scope ends before it returns: no generator holds it.
-            None if self._function is not None else _core.entered_in_generator(sys._getframe(1)),
         )
         if frame.action is _SAVEPOINT:
             _core.begin_savepoint(frame.session, frame)
@@ -163,17 +152,18 @@ def decorate_sync(
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         explicit = injection.explicit(args, kwargs)
-        manager = scope_manager(get_manager, explicit is not None)
-        cfg = manager.resolve(key, overrides) if manager is not None else detached
+        manager = get_manager() if explicit is None else scope_manager(get_manager, True)
+        if manager is None:
+            cfg = detached
+        else:
+            cfg = manager.resolve(key, overrides) if overrides else manager.config
 
         def once() -> T:
             with SyncScope(manager, cfg, explicit, name) as session:
                 call_args, call_kwargs = injection.call_args(args, kwargs, session)
                 return func(*call_args, **call_kwargs)
 
-        token = _core.enter_retry_boundary(
-            cfg, explicit=explicit is not None, is_async=False, manager=manager
-        )
+        token = _core.enter_retry_boundary(cfg, explicit is not None, False, manager)
         return once() if token is None else call_with_retry(manager, cfg, name, once, token)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]

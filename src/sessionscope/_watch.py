@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING
 
@@ -37,21 +36,19 @@ logger = logging.getLogger("sessionscope")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def where(function: str | None) -> object:
+def where(function: str | None, caller: FrameType | None) -> object:
     """Where a session is being opened: ``function`` (a decorated function's
-    name) if given, else ``(code, line)`` of the nearest caller outside this
-    package. Called by the core's ``new_frame`` from a front's ``__enter__`` /
-    ``__aenter__``, so the search starts three frames up."""
+    name) if given, else ``(code, line)`` of the nearest frame outside this
+    package from ``caller`` (the frame that entered the scope) outwards."""
     if function is not None:
         return function
-    frame: FrameType | None
-    try:
-        frame = sys._getframe(3)
-    except ValueError:  # pragma: no cover - called from a very shallow stack
-        return None
+    frame = caller
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
-    return None if frame is None else (frame.f_code, frame.f_lineno)
+    # The instruction offset, not f_lineno: working out a line number decodes
+    # the code's line table, which costs more than the rest of a scope's
+    # bookkeeping; describe() does it for the rare session reported.
+    return None if frame is None else (frame.f_code, frame.f_lasti)
 
 
 def describe(where: object) -> str:
@@ -59,9 +56,17 @@ def describe(where: object) -> str:
     if isinstance(where, str):
         return f"decorated function {where}"
     if isinstance(where, tuple) and len(where) == 2 and isinstance(where[0], CodeType):
-        code, line = where
-        return f'File "{code.co_filename}", line {line}, in {code.co_name}'
+        code, offset = where
+        return f'File "{code.co_filename}", line {_line_at(code, offset)}, in {code.co_name}'
     return "an unknown place"
+
+
+def _line_at(code: CodeType, offset: int) -> int | None:
+    """The source line of the instruction at ``offset`` in ``code``."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return None
 
 
 def warn_overdue(stats: Stats, now: float) -> None:
