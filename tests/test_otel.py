@@ -168,6 +168,14 @@ def test_transactions_counters_and_reset(mgr: SessionManager, otel: Reader) -> N
     assert otel.value("sessionscope.savepoints", **{sp: "rolled_back"}) == 1
     assert otel.value("sessionscope.cancellations") == 0
     assert otel.value("sessionscope.pool.timeouts") == 0
+    # Routing instruments only for managers with read replicas (tests/test_replica_*).
+    for name in (
+        "sessionscope.routing.reads",
+        "sessionscope.routing.fallbacks",
+        "sessionscope.replica.connect_failures",
+        "sessionscope.replica.healthy",
+    ):
+        assert otel.points(name) == []
 
 
 def test_connection_pool_metrics(mgr: SessionManager, otel: Reader) -> None:

@@ -125,6 +125,8 @@ def test_text_exposition_names_and_units() -> None:
     assert "# TYPE sessionscope_transaction_duration_seconds histogram" in text
     assert "# TYPE sessionscope_pool_wait_seconds histogram" in text
     assert "sessionscope_success_rate" not in text  # left to PromQL
+    # Routing series only for managers with read replicas (tests/test_replica_*).
+    assert "routed_reads" not in text and "replica" not in text
 
 
 def test_follows_the_default_manager(

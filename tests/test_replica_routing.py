@@ -28,6 +28,7 @@ from sessionscope import ReadOnlyError, SessionConfig, SessionManager
 
 from .conftest import backend_url, create_database, reset_schema
 from .models import User
+from .routing_exports import Exported, expected, never_lower
 
 REPLICA_SUFFIXES = ("r1", "r2")
 
@@ -385,8 +386,9 @@ def test_a_replica_that_cannot_connect_is_skipped_for_the_cooldown(
 def test_a_fallback_after_a_stats_reset_keeps_the_counts_consistent(
     urls: dict[str, str],
 ) -> None:
-    """A read counted before ``reset_stats()`` that falls back afterwards is counted
-    once, on the engine that served it: no negative per-engine figure."""
+    """A read routed before ``reset_stats()`` that connects (and falls back)
+    afterwards is counted once, after the reset, on the engine that served it:
+    reads are counted where they land, so no figure ever has to move."""
     bad = create_engine(unreachable(urls["replica1"]))
     manager = SessionManager(
         urls["primary"], replicas=[bad, urls["replica2"]], read_your_writes=0
@@ -515,6 +517,189 @@ def test_an_empty_read_only_scope_connects_nowhere(
     assert checkouts[0] == 0
 
 
+# -- routing figures: counted where the read lands, exported ----------------------------
+
+
+def test_reads_are_counted_on_the_engine_they_land_on_with_the_reason(
+    urls: dict[str, str],
+) -> None:
+    """Exact counts through fallbacks, in ``get_stats()`` and in both exporters:
+    a read is counted once, where its first connection landed, and a fallback
+    never moves a count (every counter only increases)."""
+    manager = SessionManager(
+        urls["primary"],
+        replicas=[unreachable(urls["replica1"]), urls["replica2"]],
+        read_your_writes=60,
+        replica_cooldown=60,
+        name="shop",
+    )
+    exported = Exported(manager)
+    replicas = ("replica1", "replica2")
+    try:
+        assert exported.both() == expected(replicas)
+        # Round robin picks replica1 first: its connect fails, the read lands on
+        # replica2 as a fallback; replica1 cools down, so the next two are
+        # replica2's own.
+        assert fresh(lambda: [read(manager) for _ in range(3)]) == ["replica2"] * 3
+        # A context that wrote reads from the primary.
+        assert fresh(lambda: (write(manager), read(manager))[1]) == "primary"
+        assert exported.both() == expected(
+            replicas,
+            reads={
+                ("replica2", "fallback"): 1,
+                ("replica2", "selected"): 2,
+                ("primary", "read_your_writes"): 1,
+            },
+            fallbacks=1,
+            connect_failures={"replica1": 1},
+            unhealthy=("replica1",),
+        )
+        routing = manager.get_stats()["routing"]
+        engines = routing["engines"]
+        assert routing["reads"] == 4 and routing["fallbacks"] == 1
+        assert routing["primary_because"] == {
+            "read_your_writes": 1,
+            "no_replica_available": 0,
+            "fallback": 0,
+        }
+        assert [engines[e]["reads"] for e in ("primary", "replica1", "replica2")] == [1, 0, 3]
+        assert engines["replica1"]["connect_failures"] == 1
+        assert engines["replica1"]["healthy"] is False
+    finally:
+        exported.close()
+        manager.dispose()
+
+
+def test_exported_routing_counters_never_go_down_while_reset_stats_zeroes_them(
+    urls: dict[str, str],
+) -> None:
+    """``reset_stats()`` zeroes the routing figures of ``get_stats()`` (health
+    is state and stays); the Prometheus and OpenTelemetry counters carry on."""
+    manager = SessionManager(
+        urls["primary"],
+        replicas=[unreachable(urls["replica1"]), urls["replica2"]],
+        read_your_writes=0,
+        replica_cooldown=0,  # the bad replica is tried again at each of its turns
+        name="shop",
+    )
+    exported = Exported(manager)
+    replicas = ("replica1", "replica2")
+    try:
+        # Reads 1 and 3 pick replica1 and fall back to replica2.
+        assert [read(manager) for _ in range(4)] == ["replica2"] * 4
+        before = exported.both()
+        assert before == expected(
+            replicas,
+            reads={("replica2", "fallback"): 2, ("replica2", "selected"): 2},
+            fallbacks=2,
+            connect_failures={"replica1": 2},
+        )
+
+        manager.reset_stats()
+        routing = manager.get_stats()["routing"]
+        assert (routing["reads"], routing["fallbacks"]) == (0, 0)
+        assert set(routing["primary_because"].values()) == {0}
+        for name, engine in routing["engines"].items():
+            assert engine["reads"] == 0, name
+            assert engine.get("connect_failures", 0) == 0, name
+        assert exported.both() == before
+
+        assert [read(manager) for _ in range(2)] == ["replica2"] * 2
+        after = exported.both()
+        never_lower(before, after)
+        assert after == expected(
+            replicas,
+            reads={("replica2", "fallback"): 3, ("replica2", "selected"): 3},
+            fallbacks=3,
+            connect_failures={"replica1": 3},
+        )
+        routing = manager.get_stats()["routing"]
+        assert (routing["reads"], routing["fallbacks"]) == (2, 1)
+        assert routing["engines"]["replica2"]["reads"] == 2
+        assert routing["engines"]["replica1"]["connect_failures"] == 1
+    finally:
+        exported.close()
+        manager.dispose()
+
+
+async def test_a_read_only_scope_that_never_connects_is_no_read(
+    make: Callable[..., SessionManager],
+) -> None:
+    """Reads count sessions that read: an empty scope, on a replica or on the
+    primary (in the read-your-writes window), counts nothing anywhere."""
+    manager = make(("replica1", "replica2"), read_your_writes=60)
+
+    def scopes() -> None:
+        for _ in range(3):
+            with manager.session_scope(read_only=True):
+                pass
+        write(manager)
+        with manager.session_scope(read_only=True):
+            pass  # on the primary, by read-your-writes
+        assert read(manager) == "primary"
+
+    async def async_scopes() -> None:
+        for _ in range(2):
+            async with manager.async_session_scope(read_only=True):
+                pass
+        async with manager.async_session_scope(read_only=True) as session:
+            assert await awhere(session) == "replica2"  # the 6th pick of round robin
+
+    try:
+        fresh(scopes)
+        await asyncio.create_task(async_scopes(), context=contextvars.Context())
+        routing = manager.get_stats()["routing"]
+        assert routing["reads"] == 2
+        assert routing["primary_because"]["read_your_writes"] == 1
+        assert [routing["engines"][e]["reads"] for e in ("primary", "replica1", "replica2")] == [
+            1,
+            0,
+            1,
+        ]
+    finally:
+        await manager.adispose()
+
+
+def test_without_monitoring_reads_are_not_counted_but_replica_health_is(
+    urls: dict[str, str],
+) -> None:
+    manager = SessionManager(
+        urls["primary"],
+        replicas=[unreachable(urls["replica1"]), urls["replica2"]],
+        read_your_writes=0,
+        config=SessionConfig(enable_monitoring=False),
+    )
+    try:
+        assert [read(manager) for _ in range(2)] == ["replica2"] * 2
+        routing = manager.get_stats()["routing"]
+        assert (routing["reads"], routing["fallbacks"]) == (0, 0)
+        # A failed connect is the replica's health, not a figure of the scope.
+        assert routing["engines"]["replica1"]["connect_failures"] == 1
+        assert manager.replica_health() == {"replica1": False, "replica2": True}
+    finally:
+        manager.dispose()
+
+
+def test_routing_counts_carry_on_to_a_new_default_manager(urls: dict[str, str]) -> None:
+    """setup_database_connection() hands the statistics on: the new manager's
+    router counts into them."""
+    first = sessionscope.setup_database_connection(
+        urls["primary"], replicas=[urls["replica1"]], read_your_writes=0
+    )
+    first.reset_stats()  # statistics handed on from earlier default managers
+    assert read(first) == "replica1"
+    second = sessionscope.setup_database_connection(
+        urls["primary"], replicas=[urls["replica1"]], read_your_writes=0
+    )
+    try:
+        assert read(second) == "replica1"
+        assert second.stats is first.stats
+        assert second.get_stats()["routing"]["engines"]["replica1"]["reads"] == 2
+    finally:
+        first.dispose()
+        second.dispose()
+
+
 # -- figures and configuration -----------------------------------------------------------
 
 
@@ -534,12 +719,11 @@ def test_stats_name_every_engine_and_never_a_password() -> None:
     assert set(routing["engines"]) == {"primary", "replica1", "replica2"}
     assert routing["engines"]["replica1"]["url"] == "postgresql+psycopg://app:***@db2/app"
     assert routing["engines"]["primary"]["url"] == "postgresql+psycopg://app:***@db1/app"
-    assert routing["engines"]["replica1"]["reads"] == 1
+    # The scope read nothing: no read is counted (see the empty scope test).
+    assert routing["engines"]["replica1"]["reads"] == 0
     assert routing["selection"] == "round_robin"
     assert routing["read_your_writes"] == 2.0 and routing["cooldown"] == 30.0
     assert "s3cret-pw" not in repr(stats) + repr(manager)
-    manager.reset_stats()
-    assert manager.get_stats()["routing"]["reads"] == 0
     manager.dispose()
 
 

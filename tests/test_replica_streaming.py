@@ -31,6 +31,7 @@ from sessionscope import ReadOnlyError, SessionConfig, SessionManager
 from .conftest import IN_CI, require_server, reset_schema
 from .models import User
 from .replica import ReplicaSetupError, StreamingReplica, pg_bin, replication_allowed
+from .routing_exports import Exported, expected, never_lower
 
 
 @dataclass
@@ -403,5 +404,124 @@ async def test_a_crashed_replica_is_replaced_and_no_write_is_lost(
             r2.start()
             r2.wait_streaming()
         await async_alone.adispose()
+        both.dispose()
+        alone.dispose()
+
+
+async def test_routing_figures_through_a_crashed_standby_are_exact_and_exported(
+    cluster: Cluster, fresh_users: None
+) -> None:
+    """Crash replica2 (``pg_ctl stop -m immediate``) under three managers whose
+    pools hold live connections to it, with pre-ping: two replicas sync, the
+    same two async (asyncpg), and replica2 alone. Every read's server is checked
+    with the server itself, and the routing figures are exact: in
+    ``get_stats()`` (zeroed by ``reset_stats()`` before the crash) and in the
+    Prometheus and OpenTelemetry exporters (which never go back)."""
+    r1, r2 = cluster.replicas
+    primary = (False, make_url(cluster.primary).port)
+    on_r1, on_r2 = (True, r1.port), (True, r2.port)
+    options: dict[str, Any] = {
+        "read_your_writes": 0,
+        "replica_cooldown": 600,  # replica2 stays out for the whole test
+        "pool_pre_ping": True,
+    }
+    both = SessionManager(
+        cluster.primary,
+        replicas=[cluster.replica_url(0), cluster.replica_url(1)],
+        name="both",
+        **options,
+    )
+    async_both = SessionManager(
+        cluster.primary,
+        async_replicas=[cluster.replica_url(0, "asyncpg"), cluster.replica_url(1, "asyncpg")],
+        name="async_both",
+        **options,
+    )
+    alone = SessionManager(
+        cluster.primary, replicas=[cluster.replica_url(1)], name="alone", **options
+    )
+    exported = {m.name: Exported(m) for m in (both, async_both, alone)}
+
+    def read(manager: SessionManager) -> tuple[bool, int]:
+        with manager.session_scope(read_only=True) as session:
+            return where(session)
+
+    async def aread() -> tuple[bool, int]:
+        async with async_both.async_session_scope(read_only=True) as session:
+            return await awhere(session)
+
+    pair = ("replica1", "replica2")
+    try:
+        assert [read(both) for _ in range(4)] == [on_r1, on_r2] * 2
+        assert [await aread() for _ in range(4)] == [on_r1, on_r2] * 2
+        assert [read(alone) for _ in range(2)] == [on_r2] * 2
+        before = {name: e.both() for name, e in exported.items()}
+        two_each = {("replica1", "selected"): 2, ("replica2", "selected"): 2}
+        assert before["both"] == before["async_both"] == expected(pair, reads=two_each)
+        assert before["alone"] == expected(("replica1",), reads={("replica1", "selected"): 2})
+        for manager in (both, async_both, alone):
+            manager.reset_stats()
+            routing = manager.get_stats()["routing"]
+            assert routing["reads"] == 0
+            assert {e["reads"] for e in routing["engines"].values()} == {0}
+        assert {name: e.both() for name, e in exported.items()} == before
+
+        r2.stop("immediate")
+        # Round robin: replica1; replica2, whose pooled connection pre-ping finds
+        # dead and whose reconnect is refused, so the read falls back to
+        # replica1; replica1; replica2 again, cooling down: replica1 instead.
+        assert [read(both) for _ in range(4)] == [on_r1] * 4
+        assert [await aread() for _ in range(4)] == [on_r1] * 4
+        # Alone: the fallback goes to the primary, then replica2 is skipped.
+        assert [read(alone) for _ in range(2)] == [primary] * 2
+
+        for manager in (both, async_both):
+            routing = manager.get_stats()["routing"]
+            assert (routing["reads"], routing["fallbacks"]) == (4, 1), manager.name
+            assert routing["engines"]["replica1"]["reads"] == 4
+            assert routing["engines"]["replica2"]["reads"] == 0
+            assert routing["engines"]["replica2"]["connect_failures"] == 1
+            assert routing["engines"]["replica2"]["healthy"] is False
+            after = exported[manager.name].both()
+            never_lower(before[manager.name], after)
+            assert after == expected(
+                pair,
+                reads={
+                    ("replica1", "selected"): 2 + 3,
+                    ("replica1", "fallback"): 1,
+                    ("replica2", "selected"): 2,
+                },
+                fallbacks=1,
+                connect_failures={"replica2": 1},
+                unhealthy=("replica2",),
+            ), manager.name
+        routing = alone.get_stats()["routing"]
+        assert routing["primary_because"] == {
+            "read_your_writes": 0,
+            "no_replica_available": 1,
+            "fallback": 1,
+        }
+        assert routing["engines"]["primary"]["reads"] == 2
+        assert routing["engines"]["replica1"]["reads"] == 0
+        after = exported["alone"].both()
+        never_lower(before["alone"], after)
+        assert after == expected(
+            ("replica1",),
+            reads={
+                ("replica1", "selected"): 2,
+                ("primary", "fallback"): 1,
+                ("primary", "no_replica_available"): 1,
+            },
+            fallbacks=1,
+            connect_failures={"replica1": 1},
+            unhealthy=("replica1",),
+        )
+    finally:
+        for e in exported.values():
+            e.close()
+        if not r2.running:
+            r2.start()
+            r2.wait_streaming()
+        await async_both.adispose()
         both.dispose()
         alone.dispose()

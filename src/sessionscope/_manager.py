@@ -227,6 +227,7 @@ class SessionManager(Generic[S_co, AS_co]):
                 write_engine=self._write_engine,
                 name=self.name,
                 log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
+                stats=lambda: self._stats,
             )
         self._plain: SessionConfig | None = None
         self._note_config()
@@ -651,6 +652,12 @@ class SessionManager(Generic[S_co, AS_co]):
             engines.update(self._cluster.engines_by_role())
         return engines
 
+    def replica_health(self) -> dict[str, bool]:
+        """Each read replica's health now, by name (``replica1``, ...): False
+        while it cools down after a failed connect. Empty without replicas (the
+        exporters report routing figures only for managers with replicas)."""
+        return {} if self._router is None else self._router.health()
+
     def pool_status(self) -> dict[str, PoolStats]:
         """Pool figures per engine role (see :meth:`engines_by_role`): ``size``,
         ``checked_in``, ``checked_out``, ``overflow`` (SQLAlchemy's figure: negative
@@ -674,10 +681,9 @@ class SessionManager(Generic[S_co, AS_co]):
         return snapshot
 
     def reset_stats(self) -> None:
-        """Zero the counters (the live ``active_sessions`` gauge is kept)."""
+        """Zero the counters (the live ``active_sessions`` gauge is kept), the
+        routing ones included; replica health is state and is kept."""
         self.stats.reset()
-        if self._router is not None:
-            self._router.reset()
         if self._cluster is not None:
             self._cluster.reset()
 

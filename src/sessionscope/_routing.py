@@ -19,6 +19,13 @@ Rules, in order, for a new read-only session:
    and the same session is re-pointed, before any statement ran, to the next
    healthy replica, then to the primary.
 
+Figures: the router keeps health (state); its counters are the manager's
+:class:`~sessionscope._stats.Stats`, to which it reports each event once, where
+it happens: a read where the session's first connection lands (after any
+fallback), a fallback when a session is re-pointed, a connect failure when a
+replica is taken out of rotation. A read-only session that never connects is no
+read and is counted nowhere.
+
 A session routed to a replica is a read-only session: the ORM guard refuses
 writes before they are sent, and the server (a hot standby, or a
 ``READ ONLY`` transaction) refuses any raw SQL write. A read-only session on
@@ -52,6 +59,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from . import _backend
+from ._stats import PRIMARY_REASONS, REPLICA_REASONS, Stats
 
 if TYPE_CHECKING:
     from ._config import SessionConfig
@@ -124,7 +132,7 @@ def validate_routing(
 
 
 class _Replica:
-    """One replica server: its engines (created on first use), health and figures."""
+    """One replica server: its engines (created on first use) and health."""
 
     __slots__ = (
         "async_engine",
@@ -133,9 +141,7 @@ class _Replica:
         "down_until",
         "engine",
         "factory",
-        "failures",
         "name",
-        "reads",
         "suspect",
         "url",
     )
@@ -166,35 +172,30 @@ class _Replica:
         self.async_factory: async_sessionmaker[AsyncSession] | None = None
         self.down_until = -math.inf
         self.suspect = False  # failed before: log when it serves again
-        self.failures = 0
-        self.reads = 0
 
 
 class _Route:
-    """Routing state of one replica-bound session, until it has connected."""
+    """Routing state of one routed session until it has connected: the replica
+    it is pointed at (None: the primary) and why it is there (the reason its
+    read is counted with, see ``Stats.routed_read``)."""
 
-    __slots__ = ("cfg", "front", "generation", "is_async", "replica", "tried")
+    __slots__ = ("cfg", "front", "is_async", "reason", "replica", "tried")
 
     def __init__(
-        self,
-        replica: _Replica,
-        cfg: SessionConfig,
-        is_async: bool,
-        front: AsyncSession | None,
-        generation: int,
+        self, replica: _Replica | None, reason: str, cfg: SessionConfig, is_async: bool
     ) -> None:
-        self.generation = generation  # the counters' reset generation it was counted in
-        self.replica: _Replica | None = replica
+        self.replica = replica
+        self.reason = reason
         self.cfg = cfg
         self.is_async = is_async
-        self.front = front
-        self.tried: list[_Replica] = [replica]
+        self.front: AsyncSession | None = None
+        self.tried: list[_Replica] = [] if replica is None else [replica]
 
 
 class ReadTarget:
     """A routing decision: the ``factory`` and ``engine`` to open a read-only
-    session with, and the route (None on the primary) that follows it until its
-    first connection."""
+    session with, and the route that follows it until its first connection (None
+    for an uncounted read on the primary: nothing to follow)."""
 
     __slots__ = ("engine", "factory", "route")
 
@@ -206,7 +207,7 @@ class ReadTarget:
     def attach(self, session: Session | AsyncSession) -> None:
         """Follow ``session`` (opened from :attr:`factory`) to its first
         connection, so a replica that cannot be reached is replaced before any
-        statement runs on it."""
+        statement runs on it, and the read is counted where it lands."""
         route = self.route
         if route is None:
             return
@@ -214,16 +215,17 @@ class ReadTarget:
         if isinstance(session, AsyncSession):
             route.front = session
         sync_session.info[_ROUTE] = route
-        assert route.replica is not None
-        sync_session.info[_backend.ROUTED_TO_REPLICA] = route.replica.name
+        if route.replica is not None:
+            sync_session.info[_backend.ROUTED_TO_REPLICA] = route.replica.name
 
 
 class Router:
     """Chooses where the read-only sessions of one manager go; see the module
     docstring. It never opens a session itself (see :meth:`target`).
 
-    Thread- and task-safe: health is a timestamp per replica, counters are
-    updated under a lock held for a few increments.
+    Thread- and task-safe: health is a timestamp per replica, updated under a
+    lock; the counters are the manager's statistics (``stats()``, read at each
+    event, so a manager handed another ``Stats`` reports to it).
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class Router:
         write_engine: Callable[[bool], Any],
         name: str,
         log_enabled: Callable[[], bool],
+        stats: Callable[[], Stats],
     ) -> None:
         validate_routing(replicas, async_replicas, selection, read_your_writes, cooldown)
         count = len(replicas if replicas is not None else async_replicas or ())
@@ -266,6 +269,7 @@ class Router:
             self._replicas.append(replica)
         self._write_engine = write_engine
         self._name = name
+        self._stats = stats
         self._log_enabled = log_enabled
         self.selection = selection
         self.read_your_writes = float(read_your_writes)
@@ -279,25 +283,10 @@ class Router:
         # (is_async, primary engine) -> (factory, engine with READ_MARK)
         self._primary_read: dict[tuple[bool, Any], tuple[Any, Any]] = {}
         self._routed: dict[type[Session], type[Session]] = {}
-        self._generation = 0
-        self._zero()
         if self.read_your_writes > 0:
             for primary in source.created_engines().values():
                 self._watch_primary(primary)
             source.add_engine_hook(self._on_engine_created)
-
-    def _zero(self) -> None:
-        self.reads = 0
-        self.primary_reads = 0
-        self.fallbacks = 0
-        self.primary_because: dict[str, int] = {
-            "read_your_writes": 0,
-            "no_replica_available": 0,
-            "fallback": 0,
-        }
-        for replica in self._replicas:
-            replica.reads = 0
-            replica.failures = 0
 
     # -- engines -----------------------------------------------------------------
 
@@ -353,17 +342,24 @@ class Router:
     def _factory(self, replica: _Replica, is_async: bool) -> Any:
         factory: Any = replica.async_factory if is_async else replica.factory
         if factory is None:
-            engine = self._engine(replica, is_async)
-            kw = self._source.factory_kw(is_async)
+            factory = self._routed_factory(self._engine(replica, is_async), is_async)
             if is_async:
-                front_class = kw.get("class_", AsyncSession)
-                base = kw.get("sync_session_class", front_class.sync_session_class)
-                kw["sync_session_class"] = self._routed_class(base)
-                factory = replica.async_factory = async_sessionmaker(engine, **kw)
+                replica.async_factory = factory
             else:
-                kw["class_"] = self._routed_class(kw.get("class_", Session))
-                factory = replica.factory = sessionmaker(engine, **kw)
+                replica.factory = factory
         return factory
+
+    def _routed_factory(self, engine: Any, is_async: bool) -> Any:
+        """A session factory of ``engine`` whose sessions (the sync side of an
+        async one) are of the routed class: the manager's settings otherwise."""
+        kw = self._source.factory_kw(is_async)
+        if is_async:
+            front_class = kw.get("class_", AsyncSession)
+            base = kw.get("sync_session_class", front_class.sync_session_class)
+            kw["sync_session_class"] = self._routed_class(base)
+            return async_sessionmaker(engine, **kw)
+        kw["class_"] = self._routed_class(kw.get("class_", Session))
+        return sessionmaker(engine, **kw)
 
     def _routed_class(self, base: type[Session]) -> type[Session]:
         """A subclass of the session class carrying the first-statement hook: one
@@ -396,14 +392,14 @@ class Router:
     def _primary(self, is_async: bool) -> tuple[Any, Any]:
         """(factory, engine) for reads on the primary: the engine writes use now
         (with ``primaries=``, the node the cluster picks) with :data:`READ_MARK`
-        set (it shares that engine's pool)."""
+        set (it shares that engine's pool). The sessions are of the routed class,
+        so a read on the primary is counted at its first connection too."""
         base: Any = self._write_engine(is_async)
         pair = self._primary_read.get((is_async, base))
         if pair is None:
             engine = base.execution_options(**{READ_MARK: True})
-            kw = self._source.factory_kw(is_async)
-            factory = async_sessionmaker(engine, **kw) if is_async else sessionmaker(engine, **kw)
-            pair = self._primary_read[(is_async, base)] = (factory, engine)
+            pair = (self._routed_factory(engine, is_async), engine)
+            self._primary_read[(is_async, base)] = pair
         return pair
 
     # -- routing -----------------------------------------------------------------
@@ -412,8 +408,8 @@ class Router:
         """Where a new read-only session of ``cfg`` goes: the factory and engine
         of the replica (or the primary) chosen, and the route that re-points the
         session if its first connection fails. The caller opens the session
-        (with the scope's settings) and hands it to :meth:`ReadTarget.attach`."""
-        count = cfg.enable_monitoring
+        (with the scope's settings) and hands it to :meth:`ReadTarget.attach`.
+        Nothing is counted here: the read is, where it lands (:meth:`_connect`)."""
         replica: _Replica | None = None
         if self.read_your_writes > 0 and (
             time.monotonic() - self._last_write.get() < self.read_your_writes
@@ -423,18 +419,12 @@ class Router:
             replica = self._pick(())
             reason = "no_replica_available"
         if replica is None:
-            if count:
-                with self._lock:
-                    self.reads += 1
-                    self.primary_reads += 1
-                    self.primary_because[reason] += 1
             factory, engine = self._primary(is_async)
-            return ReadTarget(factory, engine, None)
-        if count:
-            with self._lock:
-                self.reads += 1
-                replica.reads += 1
-        route = _Route(replica, cfg, is_async, None, self._generation)
+            # Without monitoring there is nothing to count, and on the primary
+            # nothing to fall back from: no route to follow.
+            route = _Route(None, reason, cfg, is_async) if cfg.enable_monitoring else None
+            return ReadTarget(factory, engine, route)
+        route = _Route(replica, "selected", cfg, is_async)
         return ReadTarget(self._factory(replica, is_async), self._engine(replica, is_async), route)
 
     def _pick(self, exclude: Sequence[_Replica], after: _Replica | None = None) -> _Replica | None:
@@ -469,7 +459,10 @@ class Router:
         """Connect ``session`` for the first time, so that a replica that cannot be
         reached is replaced before anything ran on it: on a failed connect the
         replica cools down and the session is re-pointed to the next healthy
-        replica, then to the primary. Returns ``connect()``'s connection."""
+        replica, then to the primary. Returns ``connect()``'s connection, and
+        counts the read on the engine it connected to. A connect that fails on
+        the primary leaves the route in place: the read is counted if a later
+        attempt of the same session connects."""
         while route.replica is not None:
             replica = route.replica
             try:
@@ -491,10 +484,17 @@ class Router:
             if replica.suspect:
                 replica.suspect = False
                 logger.info("%s serves reads again", replica.name)
-            session.info.pop(_ROUTE, None)
+            self._landed(session, route, replica.name)
             return connection
-        session.info.pop(_ROUTE, None)
-        return connect()
+        connection = connect()
+        self._landed(session, route, "primary")
+        return connection
+
+    def _landed(self, session: Session, route: _Route, engine: str) -> None:
+        """The route's session connected to ``engine``: stop following it, count
+        the read (once: only the call that ends the route counts)."""
+        if session.info.pop(_ROUTE, None) is route and route.cfg.enable_monitoring:
+            self._stats().routed_read(engine, route.reason)
 
     def _reroute(self, session: Session, route: _Route) -> None:
         old = route.replica
@@ -517,20 +517,9 @@ class Router:
             session.bind = bind.sync_engine
         else:
             session.bind = bind
+        route.reason = "fallback"
         if route.cfg.enable_monitoring:
-            with self._lock:
-                self.fallbacks += 1
-                if route.generation == self._generation:
-                    old.reads -= 1  # the read moves: it was counted against ``old``
-                else:
-                    # Counted before a reset that zeroed it: count it afresh.
-                    self.reads += 1
-                    route.generation = self._generation
-                if nxt is None:
-                    self.primary_reads += 1
-                    self.primary_because["fallback"] += 1
-                else:
-                    nxt.reads += 1
+            self._stats().read_fallback()
 
     def _mark_down(self, replica: _Replica, err: BaseException) -> None:
         """Take ``replica`` out of rotation for the cool-down. Failures of reads
@@ -540,8 +529,9 @@ class Router:
             if replica.down_until > now:
                 return
             replica.down_until = now + self.cooldown
-            replica.failures += 1
             replica.suspect = True
+        # Health, not a figure of one scope: counted whatever the monitoring setting.
+        self._stats().replica_connect_failed(replica.name)
         if self._log_enabled():
             logger.warning(
                 "%s (%s) failed to connect (%s); it is out of rotation for %.1f s and "
@@ -565,45 +555,49 @@ class Router:
                 engines[f"{replica.name}_async"] = replica.async_engine.sync_engine
         return engines
 
-    def snapshot(self, pool: dict[str, Any]) -> dict[str, Any]:
-        """Routing figures: reads per engine, fallbacks, health, and each engine's
-        entries of ``pool`` (the manager's pool status by role)."""
+    def health(self) -> dict[str, bool]:
+        """Each replica's health now, by name: False while it cools down."""
         now = time.monotonic()
-        with self._lock:
-            engines: dict[str, Any] = {
-                "primary": {
-                    "role": "primary",
-                    "url": self._name,
-                    "reads": self.primary_reads,
-                    "pool": {side: pool[side] for side in ("sync", "async") if side in pool},
-                }
-            }
-            for replica in self._replicas:
-                roles = {"sync": replica.name, "async": f"{replica.name}_async"}
-                engines[replica.name] = {
-                    "role": "replica",
-                    "url": _backend.safe_url(replica.url),
-                    "reads": replica.reads,
-                    "healthy": replica.down_until <= now,
-                    "cooldown_remaining": max(0.0, replica.down_until - now),
-                    "connect_failures": replica.failures,
-                    "pool": {side: pool[role] for side, role in roles.items() if role in pool},
-                }
-            return {
-                "selection": self.selection,
-                "read_your_writes": self.read_your_writes,
-                "cooldown": self.cooldown,
-                "reads": self.reads,
-                "fallbacks": self.fallbacks,
-                "primary_because": dict(self.primary_because),
-                "engines": engines,
-            }
+        return {replica.name: replica.down_until <= now for replica in self._replicas}
 
-    def reset(self) -> None:
-        """Zero the counters (health is state, not a figure: it is kept)."""
-        with self._lock:
-            self._zero()
-            self._generation += 1
+    def snapshot(self, pool: dict[str, Any]) -> dict[str, Any]:
+        """Routing figures since the statistics' last reset: reads per engine,
+        fallbacks, health (state: a reset keeps it), and each engine's entries
+        of ``pool`` (the manager's pool status by role)."""
+        counts = self._stats().routing_snapshot()
+        reads = counts["reads"]
+        failures = counts["connect_failures"]
+        primary_because = {reason: reads.get(("primary", reason), 0) for reason in PRIMARY_REASONS}
+        engines: dict[str, Any] = {
+            "primary": {
+                "role": "primary",
+                "url": self._name,
+                "reads": sum(primary_because.values()),
+                "pool": {side: pool[side] for side in ("sync", "async") if side in pool},
+            }
+        }
+        now = time.monotonic()
+        for replica in self._replicas:
+            roles = {"sync": replica.name, "async": f"{replica.name}_async"}
+            down_until = replica.down_until
+            engines[replica.name] = {
+                "role": "replica",
+                "url": _backend.safe_url(replica.url),
+                "reads": sum(reads.get((replica.name, r), 0) for r in REPLICA_REASONS),
+                "healthy": down_until <= now,
+                "cooldown_remaining": max(0.0, down_until - now),
+                "connect_failures": failures.get(replica.name, 0),
+                "pool": {side: pool[role] for side, role in roles.items() if role in pool},
+            }
+        return {
+            "selection": self.selection,
+            "read_your_writes": self.read_your_writes,
+            "cooldown": self.cooldown,
+            "reads": sum(e["reads"] for e in engines.values()),
+            "fallbacks": counts["fallbacks"],
+            "primary_because": primary_because,
+            "engines": engines,
+        }
 
     def dispose(self) -> None:
         """Close the pooled connections of the sync replica engines."""

@@ -15,6 +15,12 @@ Two views of the same counters:
 ``reset()`` does not zero the counters; it stores them as a baseline that
 :meth:`Stats.snapshot` subtracts. Only the figures that cannot be subtracted
 (the maxima and the percentile window) are cleared.
+
+The read-routing counters of a manager with replicas live here too, under the
+same rules (:meth:`Stats.routing_snapshot` is their view since the reset): the
+router only reports events (:meth:`Stats.routed_read`, :meth:`Stats.read_fallback`,
+:meth:`Stats.replica_connect_failed`), each counted once where it happens, so
+every routing counter only ever increases.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import threading
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar
 
 if TYPE_CHECKING:
     from ._types import StatsSnapshot
@@ -36,9 +42,13 @@ __all__ = [
     "FUNCTION_LIMIT",
     "OTHER_FUNCTIONS",
     "POOL_WAIT_BUCKETS",
+    "PRIMARY_REASONS",
+    "REPLICA_REASONS",
     "SLOW_LOG_INTERVAL",
+    "RoutingCounts",
     "Stats",
     "TransactionListener",
+    "routing_series",
 ]
 
 DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -60,6 +70,8 @@ transactions in between are reported in one summary line."""
 
 _logger = logging.getLogger("sessionscope")
 
+_K = TypeVar("_K")
+
 _WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
 
 FUNCTION_LIMIT: Final = 1000
@@ -74,6 +86,28 @@ OTHER_FUNCTIONS: Final = "<other>"
 
 TransactionListener = Callable[[float, bool, bool, str | None], None]
 """Called after each transaction with ``(duration, committed, failed, function)``."""
+
+REPLICA_REASONS: Final = ("selected", "fallback")
+"""Why a routed read landed on a replica: the selection rule picked it, or it
+was reached after the connect to the replica picked first failed."""
+
+PRIMARY_REASONS: Final = ("read_your_writes", "no_replica_available", "fallback")
+"""Why a routed read landed on the primary: the context wrote within the
+read-your-writes window, every replica was cooling down, or every replica the
+read tried failed to connect."""
+
+
+class RoutingCounts(TypedDict):
+    """The routing counters of :meth:`Stats.routing_snapshot` and
+    :meth:`Stats.totals` (``"routing"``)."""
+
+    reads: dict[tuple[str, str], int]
+    """Reads by ``(engine, reason)``: engine ``"primary"`` or a replica name, a
+    reason of :data:`PRIMARY_REASONS` or :data:`REPLICA_REASONS`."""
+    fallbacks: int
+    """Reads re-pointed after a failed connect (one per failed replica tried)."""
+    connect_failures: dict[str, int]
+    """Times each replica (by name) was taken out of rotation."""
 
 
 class _Func:
@@ -145,6 +179,10 @@ class Stats:
         self._slow_worst: tuple[float, str] = (0.0, "")
         self.functions: dict[str, _Func] = {}
         self.retry_errors: dict[str, int] = {}
+        # Read routing (managers with replicas): see RoutingCounts.
+        self.routed_reads: dict[tuple[str, str], int] = {}
+        self.read_fallbacks = 0
+        self.connect_failures: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
         self._held: dict[object, tuple[float, float, object]] = {}
         self.next_deadline = math.inf
@@ -320,6 +358,27 @@ class Stats:
         with self._lock:
             self.pool_timeouts += 1
 
+    # -- read routing (reported by the router of a manager with replicas) --------
+
+    def routed_read(self, engine: str, reason: str) -> None:
+        """Count one routed read-only session on ``engine`` (``"primary"`` or a
+        replica name), the server its first connection landed on, and why it
+        landed there (:data:`PRIMARY_REASONS`, :data:`REPLICA_REASONS`). A
+        session that never connects is no read and is never reported."""
+        key = (engine, reason)
+        with self._lock:
+            self.routed_reads[key] = self.routed_reads.get(key, 0) + 1
+
+    def read_fallback(self) -> None:
+        """Count one routed read moved off a replica whose connect failed."""
+        with self._lock:
+            self.read_fallbacks += 1
+
+    def replica_connect_failed(self, replica: str) -> None:
+        """Count one failed connect that took ``replica`` out of rotation."""
+        with self._lock:
+            self.connect_failures[replica] = self.connect_failures.get(replica, 0) + 1
+
     def overdue(self, now: float) -> list[tuple[float, float, object]]:
         """Watched sessions open past their threshold at ``now``, as
         ``(age, threshold, where)``; each is returned once, then no longer watched."""
@@ -378,7 +437,8 @@ class Stats:
         the counters, ``retry_errors``, ``buckets`` (per :data:`DURATION_BUCKETS`
         bound, then the overflow, not cumulative), ``pool_wait_buckets`` (the
         same per :data:`POOL_WAIT_BUCKETS` bound), ``functions`` (name ->
-        ``(calls, failures, duration_sum)``), plus ``active_sessions``."""
+        ``(calls, failures, duration_sum)``), ``routing`` (a
+        :class:`RoutingCounts`), plus ``active_sessions``."""
         with self._lock:
             totals = self._totals_locked()
             totals["active_sessions"] = self.active_sessions
@@ -392,7 +452,30 @@ class Stats:
         totals["functions"] = {
             name: (fs.calls, fs.failures, fs.total) for name, fs in self.functions.items()
         }
+        totals["routing"] = self._routing_locked()
         return totals
+
+    def _routing_locked(self) -> RoutingCounts:
+        return RoutingCounts(
+            reads=dict(self.routed_reads),
+            fallbacks=self.read_fallbacks,
+            connect_failures=dict(self.connect_failures),
+        )
+
+    def routing_snapshot(self) -> RoutingCounts:
+        """The routing counters since the last reset (``get_stats()["routing"]``
+        is built from it); entries that are zero since the reset are left out."""
+        with self._lock:
+            now = self._routing_locked()
+            base = self._base
+        if base is not None:
+            then: RoutingCounts = base["routing"]
+            now = RoutingCounts(
+                reads=_minus(now["reads"], then["reads"]),
+                fallbacks=now["fallbacks"] - then["fallbacks"],
+                connect_failures=_minus(now["connect_failures"], then["connect_failures"]),
+            )
+        return now
 
     def snapshot(self) -> StatsSnapshot:
         """Every figure since the last reset, as plain JSON-friendly values.
@@ -460,7 +543,28 @@ class Stats:
         }
 
 
-def _minus(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
+def routing_series(
+    counts: RoutingCounts, replicas: Iterable[str]
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]]]:
+    """What the exporters report of ``counts`` for a manager with ``replicas``
+    (names): reads as ``(engine, reason, count)`` and connect failures as
+    ``(replica, count)``. Every engine and reason is there from the start, at 0
+    (a rate needs the series before its first increment); counts under other
+    names (statistics handed on from a replaced default manager) follow."""
+    names = list(replicas)
+    reads = counts["reads"]
+    keys = [("primary", reason) for reason in PRIMARY_REASONS]
+    keys += [(name, reason) for name in names for reason in REPLICA_REASONS]
+    keys += sorted(set(reads) - set(keys))
+    failures = counts["connect_failures"]
+    names += sorted(set(failures) - set(names))
+    return (
+        [(engine, reason, reads.get((engine, reason), 0)) for engine, reason in keys],
+        [(name, failures.get(name, 0)) for name in names],
+    )
+
+
+def _minus(now: dict[_K, int], base: dict[_K, int]) -> dict[_K, int]:
     return {k: v - base.get(k, 0) for k, v in now.items() if v - base.get(k, 0)}
 
 

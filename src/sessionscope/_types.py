@@ -100,7 +100,13 @@ class EngineRoutingStats(TypedDict):
 
 
 class RoutingStats(TypedDict):
-    """Read-replica routing figures (present only on a manager with replicas)."""
+    """Read-replica routing figures (present only on a manager with replicas).
+
+    The counts run since the last reset, like every counter: ``reads`` counts
+    routed read-only sessions that connected, each on the engine its first
+    connection landed on (a scope that never connects is no read);
+    ``fallbacks`` counts each move off a replica that failed to connect.
+    """
 
     selection: str
     read_your_writes: float

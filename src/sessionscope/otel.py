@@ -37,6 +37,14 @@ sessionscope's own figures (no convention exists for them), with the attribute
   ``sessionscope.cancellations``, ``sessionscope.transaction.slow``,
   ``sessionscope.session.long_held``, ``sessionscope.pool.timeouts``; and the
   up-down counter ``sessionscope.session.active``.
+* read routing, for a manager with read replicas only: the counters
+  ``sessionscope.routing.reads`` (``sessionscope.routing.engine``: ``primary`` or
+  ``replicaN``, the engine the read's first connection landed on;
+  ``sessionscope.routing.reason``: ``selected`` or ``fallback`` on a replica,
+  ``read_your_writes``, ``no_replica_available`` or ``fallback`` on the primary),
+  ``sessionscope.routing.fallbacks``, ``sessionscope.replica.connect_failures``
+  (``sessionscope.replica.name``), and the gauge ``sessionscope.replica.healthy``
+  (1 in rotation, 0 cooling down; ``sessionscope.replica.name``).
 
 Counters are observed from the manager's monotonic totals, so
 ``reset_session_stats()`` never makes them go backwards. Transaction figures
@@ -64,7 +72,7 @@ try:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 except ImportError as err:
     raise missing_extra("sessionscope.otel", "otel", err) from err
-from ._stats import DURATION_BUCKETS
+from ._stats import DURATION_BUCKETS, routing_series
 
 __all__ = ["Instrumentation", "instrument"]
 
@@ -160,6 +168,32 @@ class Instrumentation:
             unit="{savepoint}",
             description="Savepoints ended, by outcome.",
         )
+        if manager.replica_health():  # replicas are fixed when a manager is built
+            meter.create_observable_counter(
+                "sessionscope.routing.reads",
+                [self._routed_reads],
+                unit="{read}",
+                description="Read-only sessions routed, by the engine their first "
+                "connection landed on and the reason.",
+            )
+            meter.create_observable_counter(
+                "sessionscope.routing.fallbacks",
+                [self._read_fallbacks],
+                unit="{fallback}",
+                description="Routed reads re-pointed after a replica failed to connect.",
+            )
+            meter.create_observable_counter(
+                "sessionscope.replica.connect_failures",
+                [self._connect_failures],
+                unit="{failure}",
+                description="Failed connects that took a replica out of rotation.",
+            )
+            meter.create_observable_gauge(
+                "sessionscope.replica.healthy",
+                [self._replica_health],
+                unit="1",
+                description="1 while a replica is in rotation, 0 during its cool-down.",
+            )
         self._base = {"sessionscope.manager": manager.name}
         manager.stats.add_listener(self._on_transaction)
         manager.add_engine_hook(self._on_engine)
@@ -229,6 +263,40 @@ class Instrumentation:
         return [
             Observation(released, {**self._base, key: "released"}),
             Observation(t["savepoint_rollbacks"], {**self._base, key: "rolled_back"}),
+        ]
+
+    def _routing(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]]]:
+        return routing_series(
+            self.manager.stats.totals()["routing"], self.manager.replica_health()
+        )
+
+    def _routed_reads(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        engine, reason = "sessionscope.routing.engine", "sessionscope.routing.reason"
+        return [
+            Observation(n, {**self._base, engine: e, reason: r})
+            for e, r, n in self._routing()[0]
+        ]
+
+    def _read_fallbacks(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        return [Observation(self.manager.stats.totals()["routing"]["fallbacks"], self._base)]
+
+    def _connect_failures(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        key = "sessionscope.replica.name"
+        return [Observation(n, {**self._base, key: name}) for name, n in self._routing()[1]]
+
+    def _replica_health(self, options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        key = "sessionscope.replica.name"
+        return [
+            Observation(1 if healthy else 0, {**self._base, key: name})
+            for name, healthy in self.manager.replica_health().items()
         ]
 
     def _pools(self) -> Iterable[tuple[str, Any]]:

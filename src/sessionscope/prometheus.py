@@ -14,7 +14,10 @@ counter go down.
 
 Every series has a ``manager`` label (``SessionManager.name``: the URL with its
 password hidden, unless named). Counters end in ``_total``, durations are
-seconds. Success rate is left to PromQL, for example::
+seconds. The read-routing series (``sessionscope_routed_reads_total``,
+``sessionscope_read_fallbacks_total``, ``sessionscope_replica_connect_failures_total``,
+``sessionscope_replica_healthy``) are exported for managers with read replicas
+only. Success rate is left to PromQL, for example::
 
     1 - sum(rate(sessionscope_transactions_total{outcome="failed"}[5m]))
       / sum(rate(sessionscope_transactions_total[5m]))
@@ -42,7 +45,7 @@ try:
     from prometheus_client.registry import REGISTRY, CollectorRegistry
 except ImportError as err:
     raise missing_extra("sessionscope.prometheus", "prometheus", err) from err
-from ._stats import DURATION_BUCKETS, POOL_WAIT_BUCKETS
+from ._stats import DURATION_BUCKETS, POOL_WAIT_BUCKETS, RoutingCounts, routing_series
 
 __all__ = ["SessionScopeCollector", "register"]
 
@@ -56,6 +59,9 @@ _POOL_GAUGES = (
         "Connections beyond pool_size (SQLAlchemy's figure: negative until the pool fills).",
     ),
 )
+
+# Families a manager without read replicas has no series in.
+_ROUTING_FAMILIES = ("routed_reads", "read_fallbacks", "connect_failures", "replica_healthy")
 
 
 class SessionScopeCollector:
@@ -91,6 +97,11 @@ class SessionScopeCollector:
         families = self._families()
         for manager in self._targets():
             _fill(families, manager)
+        for key in _ROUTING_FAMILIES:
+            # Without replicas the routing families stay out of the exposition
+            # (an empty family would still print its HELP and TYPE lines).
+            if not families[key].samples:
+                del families[key]
         return families.values()
 
     @staticmethod
@@ -160,6 +171,29 @@ class SessionScopeCollector:
                 "Calls of decorated functions that raised.",
                 labels=[*m, "function"],
             ),
+            "routed_reads": CounterMetricFamily(
+                "sessionscope_routed_reads",
+                "Read-only sessions routed (managers with replicas), counted on the "
+                "engine their first connection landed on (primary or replicaN), by "
+                "reason: selected or fallback (a replica), read_your_writes, "
+                "no_replica_available or fallback (the primary).",
+                labels=[*m, "engine", "reason"],
+            ),
+            "read_fallbacks": CounterMetricFamily(
+                "sessionscope_read_fallbacks",
+                "Routed reads re-pointed after a replica failed to connect.",
+                labels=m,
+            ),
+            "connect_failures": CounterMetricFamily(
+                "sessionscope_replica_connect_failures",
+                "Failed connects that took a replica out of rotation.",
+                labels=[*m, "replica"],
+            ),
+            "replica_healthy": GaugeMetricFamily(
+                "sessionscope_replica_healthy",
+                "1 while a replica is in rotation, 0 during its cool-down.",
+                labels=[*m, "replica"],
+            ),
         }
         for key, name, doc in _POOL_GAUGES:
             families[f"pool_{key}"] = GaugeMetricFamily(name, doc, labels=[*m, "engine"])
@@ -206,6 +240,26 @@ def _fill(families: dict[str, Any], manager: SessionManager) -> None:
             value = figures.get(key)
             if isinstance(value, (int, float)):
                 families[f"pool_{key}"].add_metric([name, role], value)
+    health = manager.replica_health()
+    if health:
+        _fill_routing(families, name, t["routing"], health, created)
+
+
+def _fill_routing(
+    families: dict[str, Any],
+    name: str,
+    counts: RoutingCounts,
+    health: dict[str, bool],
+    created: float,
+) -> None:
+    reads, failures = routing_series(counts, health)
+    for engine, reason, value in reads:
+        families["routed_reads"].add_metric([name, engine, reason], value, created)
+    families["read_fallbacks"].add_metric([name], counts["fallbacks"], created)
+    for replica, value in failures:
+        families["connect_failures"].add_metric([name, replica], value, created)
+    for replica, healthy in health.items():
+        families["replica_healthy"].add_metric([name, replica], 1 if healthy else 0)
 
 
 def _cumulative(buckets: list[int], bounds: tuple[float, ...]) -> Iterator[tuple[str, float]]:

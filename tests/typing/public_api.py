@@ -280,6 +280,7 @@ def check_stats(manager: SessionManager) -> None:
     assert_type(stats.get("routing"), RoutingStats | None)
     assert_type(manager.get_stats(), SessionStats)
     assert_type(manager.pool_status(), dict[str, PoolStats])
+    assert_type(manager.replica_health(), dict[str, bool])
     assert_type(manager.stats.snapshot()["failed_transactions"], int)
     stats["succes_rate"]  # type: ignore[typeddict-item]
     stats["success_rate"] = "high"  # type: ignore[typeddict-item]
