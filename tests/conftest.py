@@ -10,7 +10,6 @@ created if missing, so parallel runs on one machine do not step on each other.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import socket
 import subprocess
