@@ -199,7 +199,7 @@ def _restore_default_config() -> Iterator[None]:
     saved = _api._config
     yield
     sessionscope.configure_session(**{
-        f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.init
+        f.name: getattr(saved, f.name) for f in dataclasses.fields(saved)
     })
 
 

@@ -73,7 +73,7 @@ def test_session_manager_is_subscriptable_with_defaults() -> None:
 
 
 def test_scope_options_are_the_config_fields() -> None:
-    fields = {f.name: f.type for f in dataclasses.fields(SessionConfig) if f.init}
+    fields = {f.name: f.type for f in dataclasses.fields(SessionConfig)}
     assert set(ScopeOptions.__annotations__) == set(fields)
     assert ScopeOptions.__total__ is False
 

@@ -27,6 +27,7 @@ _LOG_LEVELS: Final = {
     "ERROR": logging.ERROR,
     "CRITICAL": logging.CRITICAL,
 }
+_LEVELNO: dict[str, int] = {}  # log_level as given -> its number (see log_levelno)
 
 
 def _default_retry_predicate(exc: BaseException) -> bool:
@@ -108,9 +109,6 @@ class SessionConfig:
     write the cluster committed before they started (``wsrep_sync_wait = 1``), so
     they see writes made through other nodes. Costs a cluster round trip per
     read statement; see ``docs/clusters.md``. Ignored on other servers."""
-    log_levelno: int = dataclasses.field(default=0, init=False, repr=False, compare=False)
-    """The numeric logging level of :attr:`log_level` (derived, not an option):
-    read on every scope exit, so it is worked out once, here."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,7 +127,8 @@ class SessionConfig:
             raise ValueError(
                 f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
             )
-        object.__setattr__(self, "log_levelno", _LOG_LEVELS[self.log_level.upper()])
+        # Read on every scope: the level of each spelling is worked out once.
+        _LEVELNO.setdefault(self.log_level, _LOG_LEVELS[self.log_level.upper()])
         if isinstance(self.retry_attempts, bool) or not isinstance(self.retry_attempts, int):
             raise TypeError(f"retry_attempts must be an int, got {self.retry_attempts!r}")
         if self.retry_attempts < 0:
@@ -194,6 +193,11 @@ class SessionConfig:
                     "them or drop snapshot=False"
                 )
 
+    @property
+    def log_levelno(self) -> int:
+        """The numeric logging level of :attr:`log_level`."""
+        return _LEVELNO[self.log_level]
+
     def merged(self, overrides: Mapping[str, Any]) -> SessionConfig:
         """Return a copy with ``overrides`` applied (validated)."""
         if not overrides:
@@ -202,7 +206,7 @@ class SessionConfig:
         return dataclasses.replace(self, **overrides)
 
 
-_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(SessionConfig) if f.init)
+_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(SessionConfig))
 
 
 def validate_overrides(overrides: Mapping[str, Any]) -> None:

@@ -642,7 +642,7 @@ def open_frame(
                 stats.session_opened()
             else:
                 stats.session_opened_watched(
-                    frame, started, cfg.long_session_warning, _watch.where(function, caller)
+                    id(frame), started, cfg.long_session_warning, _watch.where(function, caller)
                 )
                 if started >= stats.next_deadline:
                     _watch.warn_overdue(stats, started)
@@ -1234,7 +1234,7 @@ def _close(
             # transaction's: it is left out of the slow threshold.
             wait = waited_since(frame.started)
             slow = stats.transaction_ended(
-                committed, failed, duration, cfg.slow_threshold, frame.function, frame, wait
+                committed, failed, duration, cfg.slow_threshold, frame.function, id(frame), wait
             )
             if now >= stats.next_deadline:
                 _watch.warn_overdue(stats, now)

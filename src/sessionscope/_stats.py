@@ -184,7 +184,7 @@ class Stats:
         self.read_fallbacks = 0
         self.connect_failures: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
-        self._held: dict[object, tuple[float, float, object]] = {}
+        self._held: dict[int, tuple[float, float, object]] = {}
         self.next_deadline = math.inf
         """Earliest deadline of a watched session; read without the lock as a
         cheap "is a long-held check due?" test (a stale value only causes one
@@ -199,13 +199,13 @@ class Stats:
             self.active_sessions += 1
 
     def session_opened_watched(
-        self, key: object, started: float, threshold: float, where: object
+        self, key: int, started: float, threshold: float, where: object
     ) -> None:
         """:meth:`session_opened` for a session watched for the long-held
-        warning: ``key`` (any hashable object, compared by identity in
-        practice: the scope's frame) identifies it until
-        :meth:`transaction_ended`, ``where`` is returned by :meth:`overdue`
-        (opaque here)."""
+        warning: ``key`` identifies it until :meth:`transaction_ended` (an id,
+        not the scope itself: the statistics must never keep a session that its
+        owner dropped alive), ``where`` is returned by :meth:`overdue` (opaque
+        here)."""
         deadline = started + threshold
         with self._lock:
             self.session_count += 1
@@ -223,7 +223,7 @@ class Stats:
         duration: float,
         slow_threshold: float,
         function: str | None,
-        key: object = None,
+        key: int = 0,
         pool_wait: float = 0.0,
     ) -> bool:
         """Record the end of a scope that owned its session; return True if slow.
