@@ -182,7 +182,12 @@ def test_users_and_profiles(server: Server) -> None:
 
 def test_200_concurrent_registrations(server: Server) -> None:
     async def run() -> list[int]:
-        limits = httpx.Limits(max_connections=100)
+        # No keep-alive: each request on a connection of its own. A reused
+        # connection that sat idle past uvicorn's keep-alive timeout (5 s; the
+        # client's event loop is slow to send its next request on a loaded
+        # machine) is closed by the server as the request goes out: httpx.ReadError
+        # for a request the server never saw.
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as c:
             responses = await asyncio.gather(
                 *(

@@ -122,17 +122,28 @@ def test_deadlock_is_retried_sync(server: tuple[SessionManager, Server]) -> None
     _seed_counters(manager)
     barrier = threading.Barrier(2, timeout=30)
     attempts: dict[int, int] = {1: 0, 2: 0}
+    committed = {1: threading.Event(), 2: threading.Event()}
 
     @manager.with_session
     def move(session: Session, first: int, second: int) -> None:
         attempts[first] += 1
+        if attempts[first] > 1:
+            # The victim's retry waits for the winner's commit (the winner's
+            # first row is the victim's second). Otherwise a retry scheduled
+            # before the winner wakes from its lock wait takes its first row
+            # again and deadlocks with the winner a second time.
+            assert committed[second].wait(30), "the winner never committed"
         session.execute(update(Counter).where(Counter.id == first).values(value=Counter.value + 1))
         if attempts[first] == 1:
             barrier.wait()
         session.execute(update(Counter).where(Counter.id == second).values(value=Counter.value + 1))
 
+    def run(first: int, second: int) -> None:
+        move(first, second)
+        committed[first].set()
+
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(move, 1, 2), pool.submit(move, 2, 1)]
+        futures = [pool.submit(run, 1, 2), pool.submit(run, 2, 1)]
         for future in futures:
             future.result()
     assert _counter_values(manager) == [2, 2]
@@ -147,10 +158,14 @@ async def test_deadlock_is_retried_async(server: tuple[SessionManager, Server]) 
     _seed_counters(manager)
     barrier = AsyncBarrier(2)
     attempts: dict[int, int] = {1: 0, 2: 0}
+    committed = {1: asyncio.Event(), 2: asyncio.Event()}
 
     @manager.async_with_session
     async def move(session: AsyncSession, first: int, second: int) -> None:
         attempts[first] += 1
+        if attempts[first] > 1:
+            # As in the sync test: the retry starts after the winner's commit.
+            await committed[second].wait()
         await session.execute(
             update(Counter).where(Counter.id == first).values(value=Counter.value + 1)
         )
@@ -160,8 +175,12 @@ async def test_deadlock_is_retried_async(server: tuple[SessionManager, Server]) 
             update(Counter).where(Counter.id == second).values(value=Counter.value + 1)
         )
 
+    async def run(first: int, second: int) -> None:
+        await move(first, second)
+        committed[first].set()
+
     try:
-        await asyncio.wait_for(asyncio.gather(move(1, 2), move(2, 1)), timeout=60)
+        await asyncio.wait_for(asyncio.gather(run(1, 2), run(2, 1)), timeout=60)
         assert _counter_values(manager) == [2, 2]
         assert sorted(attempts.values()) == [1, 2]
         stats = manager.get_stats()

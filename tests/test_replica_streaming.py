@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -274,16 +275,25 @@ async def test_read_your_writes_under_real_replica_lag(cluster: Cluster, fresh_u
 
 
 async def test_a_crashed_replica_is_replaced_and_no_write_is_lost(
-    cluster: Cluster, fresh_users: None
+    cluster: Cluster, fresh_users: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stop replica2 with ``pg_ctl stop -m immediate`` in the middle of a run of
     writes and reads, and watch three managers: two replicas with pre-ping (reads
     move to replica1 inside the scope), replica2 alone without pre-ping (the read
     on the dead pooled connection fails once, the decorator retries, the retry
-    falls back to the primary), and replica2 alone, async (asyncpg)."""
+    falls back to the primary), and replica2 alone, async (asyncpg).
+
+    The routing's clock stands still unless the test moves it: a cool-down ends
+    when the test says so, not when the ten reads after the crash happen to take
+    longer than the cool-down on a loaded machine (the crashed replica would then
+    be tried, and fail, once more)."""
     r1, r2 = cluster.replicas
     primary_port = make_url(cluster.primary).port
     cooldown = 1.0
+    clock = [time.monotonic()]
+    monkeypatch.setattr(
+        "sessionscope._routing.time", types.SimpleNamespace(monotonic=lambda: clock[0])
+    )
     config = SessionConfig(retry_delay=0.01)
     both = SessionManager(
         cluster.primary,
@@ -362,7 +372,7 @@ async def test_a_crashed_replica_is_replaced_and_no_write_is_lost(
 
         # The cool-down is over while replica2 is still down: it is tried again,
         # fails again, and reads still go elsewhere.
-        time.sleep(cooldown)
+        clock[0] += cooldown
         failures = routing["both"]["engines"]["replica2"]["connect_failures"]
         assert [read_both() for _ in range(2)] == [(True, r1.port)] * 2
         again = both.get_stats()["routing"]["engines"]["replica2"]["connect_failures"]
@@ -373,7 +383,7 @@ async def test_a_crashed_replica_is_replaced_and_no_write_is_lost(
         r2.start()
         r2.wait_streaming()
         r2.wait_replayed()
-        time.sleep(cooldown)
+        clock[0] += cooldown
         assert read_alone() == (True, r2.port)
         assert sorted({read_both() for _ in range(2)}) == sorted({(True, r1.port), (True, r2.port)})
         check = create_engine(cluster.replica_url(1))

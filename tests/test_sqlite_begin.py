@@ -167,3 +167,46 @@ def test_other_sqlite_engines_are_left_alone(mgr: SessionManager, tmp_path: Path
         plain.dispose()
     # pysqlite's own legacy handling: no BEGIN before a SELECT.
     assert [_verb(x) for x in seen] == ["SELECT"]
+
+
+async def test_a_failed_async_statement_leaves_no_cursor_to_the_garbage_collector(
+    mgr: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy's aiosqlite adapter leaves the cursor of a failed statement
+    open in its traceback frames, and the traceback sits in a reference cycle:
+    the garbage collector would finalize the sqlite3 cursor later, on whichever
+    thread it happens to run. Finalizing it takes its connection's mutex, which
+    that connection's worker thread holds for as long as it waits in SQLite's
+    busy handler once the connection serves another request; an event loop
+    collecting garbage then stops until the busy timeout, and the transaction
+    holding the lock the worker waits for cannot commit meanwhile (a server
+    answering 500 to the requests that waited). The cursor is released when the
+    statement fails, on the transaction's own connection."""
+    import gc
+    import weakref
+
+    import aiosqlite
+    from sqlalchemy.exc import IntegrityError
+
+    async with mgr.async_session_scope() as s:
+        s.add(User(name="ann"))
+    cursors: weakref.WeakSet[aiosqlite.Cursor] = weakref.WeakSet()
+    real_init = aiosqlite.Cursor.__init__
+
+    def tracked_init(self: aiosqlite.Cursor, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        cursors.add(self)
+
+    monkeypatch.setattr(aiosqlite.Cursor, "__init__", tracked_init)
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            async with mgr.async_session_scope() as s:
+                s.add(User(name="ann"))  # the INSERT at COMMIT fails: UNIQUE
+        except IntegrityError:
+            pass
+        assert len(cursors) == 0, "the failed statement's cursor is garbage in a cycle"
+    finally:
+        gc.enable()
+    await mgr.adispose()

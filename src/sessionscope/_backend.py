@@ -45,6 +45,7 @@ __all__ = [
     "pool_status",
     "read_only_class",
     "refuse_autocommit",
+    "release_failed_aiosqlite_cursors",
     "safe_url",
     "skip_idle_commit",
     "sqlite_result_code",
@@ -196,6 +197,51 @@ def apply_sqlite_savepoint_recipe(engine: Engine) -> None:
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN")
+
+
+_CURSOR_FRAME_MODULES: Final = ("aiosqlite", "sqlalchemy.dialects.sqlite.aiosqlite")
+"""Modules whose frames hold the cursor of a failed aiosqlite statement."""
+
+
+def release_failed_aiosqlite_cursors(engine: Engine) -> None:
+    """Release the cursor of a failed aiosqlite statement when it fails.
+
+    SQLAlchemy's aiosqlite adapter does not close the cursor of a statement that
+    raised: it stays referenced by the frames of the error's traceback, which
+    SQLAlchemy's error handling puts in a reference cycle. The garbage collector
+    then finalizes the sqlite3 cursor later, on whichever thread it runs, and
+    finalizing it takes its connection's mutex. By then the connection may be
+    serving another transaction whose worker thread holds that mutex while it
+    waits in SQLite's busy handler for a lock: an event loop collecting garbage
+    stops until the busy timeout, and the transaction holding the lock, which
+    needs that event loop to commit, waits with it.
+
+    A ``handle_error`` listener clears the locals of the adapter's and
+    aiosqlite's finished frames in the traceback (their line numbers stay), so
+    the cursor is freed at once, while the failed transaction still has the
+    connection and its worker thread is idle. Does nothing for other drivers;
+    costs nothing on statements that succeed.
+    """
+    if engine.dialect.name != "sqlite" or engine.dialect.driver != "aiosqlite":
+        return
+    if engine in _cursors_released:
+        return
+    _cursors_released.add(engine)
+
+    @event.listens_for(engine, "handle_error")
+    def _release(context: Any) -> None:
+        tb = context.original_exception.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if str(frame.f_globals.get("__name__", "")).startswith(_CURSOR_FRAME_MODULES):
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing (another thread's worker loop)
+                    pass
+            tb = tb.tb_next
+
+
+_cursors_released: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _pysqlite_begin(connection: Any) -> None:

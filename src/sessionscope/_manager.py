@@ -283,6 +283,7 @@ class SessionManager(Generic[S_co, AS_co]):
 
     def _prepare_engine(self, engine: Engine) -> None:
         _backend.apply_sqlite_savepoint_recipe(engine)
+        _backend.release_failed_aiosqlite_cursors(engine)
         _poolwait.install(engine, self._stats)
 
     def add_observer(self, observer: TransactionObserver) -> None:
