@@ -194,6 +194,23 @@ def test_connection_pool_metrics(mgr: SessionManager, otel: Reader) -> None:
     assert otel.value("db.client.connection.idle.max", **{pool: "orders [sync]"}) == 5
 
 
+def test_pool_without_a_size_limit_reports_counts_only(
+    otel: Reader, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-memory SQLite (a ``SingletonThreadPool``, whose ``size`` is a number,
+    not a method) has no connection limit to report: the limit callbacks skip
+    it instead of failing (the SDK would log the failure at every collection)."""
+    manager = SessionManager("sqlite://", name="memory")
+    instrument(manager, meter_provider=otel.provider)
+    pool = "db__client__connection__pool__name"
+    with manager.session_scope() as s:
+        s.execute(select(1))
+    assert otel.value("db.client.connection.max", **{pool: "memory [sync]"}) is None
+    assert otel.value("db.client.connection.idle.max", **{pool: "memory [sync]"}) is None
+    assert not [r for r in caplog.records if "callback" in r.getMessage().lower()]
+    manager.dispose()
+
+
 async def test_async_engine_created_after_instrument(db_url: str, otel: Reader) -> None:
     manager = SessionManager(db_url, name="lazy")
     instrument(manager, meter_provider=otel.provider)  # no engine exists yet

@@ -321,7 +321,10 @@ class Instrumentation:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             out = []
             for pool_name, pool in self._pools():
-                size = pool.size() if hasattr(pool, "size") else None
+                # A queue pool's size() is its limit; other pools (SQLite's
+                # SingletonThreadPool has a plain ``size`` number) have none.
+                size_of = getattr(pool, "size", None)
+                size = size_of() if callable(size_of) else None
                 if not isinstance(size, int):
                     continue
                 # QueuePool keeps at most pool_size idle and opens up to
