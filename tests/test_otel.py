@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,6 +210,32 @@ def test_pool_without_a_size_limit_reports_counts_only(
     assert otel.value("db.client.connection.idle.max", **{pool: "memory [sync]"}) is None
     assert not [r for r in caplog.records if "callback" in r.getMessage().lower()]
     manager.dispose()
+
+
+def test_two_managers_on_one_meter_provider_both_report(
+    tmp_path: Path, otel: Reader
+) -> None:
+    """The SDK keeps the first observable instrument of a name and drops the
+    callbacks of later ones: every manager instrumented on one provider must
+    still report its own figures, and stop when uninstrumented."""
+    first = SessionManager(f"sqlite:///{tmp_path / 'a.db'}", name="first")
+    second = SessionManager(f"sqlite:///{tmp_path / 'b.db'}", name="second")
+    one = instrument(first, meter_provider=otel.provider)
+    instrument(second, meter_provider=otel.provider)
+    for manager, n in ((first, 1), (second, 2)):
+        for _ in range(n):
+            with manager.session_scope() as s:
+                s.execute(select(1))
+    opened = "sessionscope.session.opened"
+    assert otel.value(opened, sessionscope__manager="first") == 1
+    assert otel.value(opened, sessionscope__manager="second") == 2
+    pool = "db__client__connection__pool__name"
+    assert otel.value("db.client.connection.max", **{pool: "second [sync]"}) == 15
+    one.uninstrument()
+    assert otel.value(opened, sessionscope__manager="first") is None
+    assert otel.value(opened, sessionscope__manager="second") == 2
+    first.dispose()
+    second.dispose()
 
 
 async def test_async_engine_created_after_instrument(db_url: str, otel: Reader) -> None:

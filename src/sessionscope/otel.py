@@ -56,8 +56,9 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -102,99 +103,11 @@ class Instrumentation:
             description="Duration of sessionscope transactions, scope entry to close.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.count",
-            [self._connection_count],
-            unit="{connection}",
-            description="Connections currently in the state given by db.client.connection.state.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.max",
-            [self._connection_limit("max")],
-            unit="{connection}",
-            description="The maximum number of open connections allowed.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.idle.max",
-            [self._connection_limit("idle_max")],
-            unit="{connection}",
-            description="The maximum number of idle open connections allowed.",
-        )
-        meter.create_observable_up_down_counter(
-            "sessionscope.session.active",
-            [self._gauge("active_sessions")],
-            unit="{session}",
-            description="Sessions open right now.",
-        )
-        for name, key, unit, description in (
-            ("sessionscope.session.opened", "session_count", "{session}", "Sessions opened."),
-            (
-                "sessionscope.cancellations",
-                "cancellations",
-                "{scope}",
-                "Async scopes ended by cancellation.",
-            ),
-            (
-                "sessionscope.transaction.slow",
-                "slow",
-                "{transaction}",
-                "Transactions longer than slow_threshold.",
-            ),
-            (
-                "sessionscope.session.long_held",
-                "long_held",
-                "{session}",
-                "Sessions reported open longer than long_session_warning.",
-            ),
-            (
-                "sessionscope.pool.timeouts",
-                "pool_timeouts",
-                "{timeout}",
-                "Checkouts that gave up waiting for a pooled connection.",
-            ),
-        ):
-            meter.create_observable_counter(
-                name, [self._gauge(key)], unit=unit, description=description
-            )
-        meter.create_observable_counter(
-            "sessionscope.retries",
-            [self._retries],
-            unit="{retry}",
-            description="Retries after transient errors, by error class.",
-        )
-        meter.create_observable_counter(
-            "sessionscope.savepoints",
-            [self._savepoints],
-            unit="{savepoint}",
-            description="Savepoints ended, by outcome.",
-        )
-        if manager.replica_health():  # replicas are fixed when a manager is built
-            meter.create_observable_counter(
-                "sessionscope.routing.reads",
-                [self._routed_reads],
-                unit="{read}",
-                description="Read-only sessions routed, by the engine their first "
-                "connection landed on and the reason.",
-            )
-            meter.create_observable_counter(
-                "sessionscope.routing.fallbacks",
-                [self._read_fallbacks],
-                unit="{fallback}",
-                description="Routed reads re-pointed after a replica failed to connect.",
-            )
-            meter.create_observable_counter(
-                "sessionscope.replica.connect_failures",
-                [self._connect_failures],
-                unit="{failure}",
-                description="Failed connects that took a replica out of rotation.",
-            )
-            meter.create_observable_gauge(
-                "sessionscope.replica.healthy",
-                [self._replica_health],
-                unit="1",
-                description="1 while a replica is in rotation, 0 during its cool-down.",
-            )
         self._base = {"sessionscope.manager": manager.name}
+        # Observable instruments are the meter's, shared by every manager
+        # instrumented on it (see _Observed).
+        self._observed = _Observed.of(meter)
+        self._observed.join(self, routing=bool(manager.replica_health()))
         manager.stats.add_listener(self._on_transaction)
         manager.add_engine_hook(self._on_engine)
         for role, engine in manager.engines_by_role().items():
@@ -206,6 +119,7 @@ class Instrumentation:
         with self._lock:
             self._active = False
             engines, self._engines = self._engines, []
+        self._observed.leave(self)
         self.manager.stats.remove_listener(self._on_transaction)
         self.manager.remove_engine_hook(self._on_engine)
         for engine, listeners in engines:
@@ -266,17 +180,14 @@ class Instrumentation:
         ]
 
     def _routing(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]]]:
-        return routing_series(
-            self.manager.stats.totals()["routing"], self.manager.replica_health()
-        )
+        return routing_series(self.manager.stats.totals()["routing"], self.manager.replica_health())
 
     def _routed_reads(self, options: CallbackOptions) -> Iterable[Observation]:
         if not self._active:
             return []
         engine, reason = "sessionscope.routing.engine", "sessionscope.routing.reason"
         return [
-            Observation(n, {**self._base, engine: e, reason: r})
-            for e, r, n in self._routing()[0]
+            Observation(n, {**self._base, engine: e, reason: r}) for e, r, n in self._routing()[0]
         ]
 
     def _read_fallbacks(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -339,6 +250,152 @@ class Instrumentation:
                 if value is not None:
                     out.append(Observation(value, {"db.client.connection.pool.name": pool_name}))
             return out
+
+        return observe
+
+
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+class _Observed:
+    """The observable instruments of one meter, shared by every manager
+    instrumented on it. The SDK keeps the first instrument of a name and drops
+    the callbacks of later ones, so instruments made per manager would report
+    the first manager only; these report each member's figures (told apart by
+    ``sessionscope.manager``)."""
+
+    _of: ClassVar[weakref.WeakKeyDictionary[Any, _Observed]] = weakref.WeakKeyDictionary()
+    _of_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def of(cls, meter: Any) -> _Observed:
+        with cls._of_lock:
+            observed = cls._of.get(meter)
+            if observed is None:
+                observed = cls._of[meter] = cls(meter)
+            return observed
+
+    def __init__(self, meter: Any) -> None:
+        # Weakly: the meter (through its instruments' callbacks) holds this
+        # object, which must not keep the meter, its key here, alive.
+        self._meter = weakref.ref(meter)
+        self._members: tuple[Instrumentation, ...] = ()
+        self._routing = False
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count",
+            [self._each(lambda m: m._connection_count)],
+            unit="{connection}",
+            description="Connections currently in the state given by db.client.connection.state.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.max",
+            [self._each(lambda m: m._connection_limit("max"))],
+            unit="{connection}",
+            description="The maximum number of open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.idle.max",
+            [self._each(lambda m: m._connection_limit("idle_max"))],
+            unit="{connection}",
+            description="The maximum number of idle open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "sessionscope.session.active",
+            [self._each(lambda m: m._gauge("active_sessions"))],
+            unit="{session}",
+            description="Sessions open right now.",
+        )
+        for name, key, unit, description in (
+            ("sessionscope.session.opened", "session_count", "{session}", "Sessions opened."),
+            (
+                "sessionscope.cancellations",
+                "cancellations",
+                "{scope}",
+                "Async scopes ended by cancellation.",
+            ),
+            (
+                "sessionscope.transaction.slow",
+                "slow",
+                "{transaction}",
+                "Transactions longer than slow_threshold.",
+            ),
+            (
+                "sessionscope.session.long_held",
+                "long_held",
+                "{session}",
+                "Sessions reported open longer than long_session_warning.",
+            ),
+            (
+                "sessionscope.pool.timeouts",
+                "pool_timeouts",
+                "{timeout}",
+                "Checkouts that gave up waiting for a pooled connection.",
+            ),
+        ):
+            meter.create_observable_counter(
+                name, [self._gauge_of(key)], unit=unit, description=description
+            )
+        meter.create_observable_counter(
+            "sessionscope.retries",
+            [self._each(lambda m: m._retries)],
+            unit="{retry}",
+            description="Retries after transient errors, by error class.",
+        )
+        meter.create_observable_counter(
+            "sessionscope.savepoints",
+            [self._each(lambda m: m._savepoints)],
+            unit="{savepoint}",
+            description="Savepoints ended, by outcome.",
+        )
+
+    def join(self, member: Instrumentation, *, routing: bool) -> None:
+        """Report ``member``'s figures from now on (and the routing figures, the
+        first time a member with replicas joins: replicas are fixed when a
+        manager is built)."""
+        with self._of_lock:
+            self._members = (*self._members, member)
+            meter = self._meter()
+            if routing and not self._routing and meter is not None:
+                self._routing = True
+                meter.create_observable_counter(
+                    "sessionscope.routing.reads",
+                    [self._each(lambda m: m._routed_reads)],
+                    unit="{read}",
+                    description="Read-only sessions routed, by the engine their first "
+                    "connection landed on and the reason.",
+                )
+                meter.create_observable_counter(
+                    "sessionscope.routing.fallbacks",
+                    [self._each(lambda m: m._read_fallbacks)],
+                    unit="{fallback}",
+                    description="Routed reads re-pointed after a replica failed to connect.",
+                )
+                meter.create_observable_counter(
+                    "sessionscope.replica.connect_failures",
+                    [self._each(lambda m: m._connect_failures)],
+                    unit="{failure}",
+                    description="Failed connects that took a replica out of rotation.",
+                )
+                meter.create_observable_gauge(
+                    "sessionscope.replica.healthy",
+                    [self._each(lambda m: m._replica_health)],
+                    unit="1",
+                    description="1 while a replica is in rotation, 0 during its cool-down.",
+                )
+
+    def leave(self, member: Instrumentation) -> None:
+        with self._of_lock:
+            self._members = tuple(m for m in self._members if m is not member)
+
+    def _gauge_of(self, key: str) -> Callback:
+        return self._each(lambda member: member._gauge(key))
+
+    def _each(self, callback_of: Callable[[Instrumentation], Callback]) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            found: list[Observation] = []
+            for member in self._members:
+                found.extend(callback_of(member)(options))
+            return found
 
         return observe
 
