@@ -810,10 +810,14 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     if frame.generator is not None:
         _release_generator(frame)
     root = frame.root
-    if root is not None and root.inner:
-        # Not always the last one: generators can end in any order.
-        with contextlib.suppress(ValueError):
-            root.inner.remove(frame)
+    inner = root.inner if root is not None else None
+    if inner:
+        if inner[-1] is frame:
+            inner.pop()
+        else:
+            # Not always the last one: generators can end in any order.
+            with contextlib.suppress(ValueError):
+                inner.remove(frame)
     if action is _JOIN:
         if (
             exc is not None
@@ -917,8 +921,7 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
             try:
                 # A savepoint deactivated by a failed flush raises here instead of
                 # looking released: its work is gone and the caller must know.
-                with _own_operation(frame):
-                    savepoint.commit()
+                _own_operation(frame, savepoint.commit)
             except BaseException as err:
                 _rollback_savepoint(frame, savepoint, err)
                 if isinstance(err, sa_exc.DBAPIError):
@@ -962,18 +965,19 @@ def _exit_savepoint(frame: Frame, exc: BaseException | None) -> None:
         raise _rollback_only_error(frame)
 
 
-@contextlib.contextmanager
-def _own_operation(frame: Frame) -> Iterator[None]:
-    """While sessionscope itself releases or rolls back a savepoint, whatever
-    that does to the whole transaction (SQLAlchemy may roll it back when the
-    server lost it) is not the body's doing."""
+def _own_operation(frame: Frame, operation: Callable[[], object]) -> None:
+    """Run ``operation``, sessionscope's own release or rollback of a savepoint:
+    whatever it does to the whole transaction (SQLAlchemy may roll it back when
+    the server lost it) is not the body's doing. (A function rather than a
+    context manager: it runs for every savepoint, where a generator-based
+    context manager costs more than the rest of the bookkeeping.)"""
     root = frame.root
     if root is None or root.state is not _ACTIVE:
-        yield
+        operation()
         return
     root.state = _ENDING
     try:
-        yield
+        operation()
     finally:
         root.state = _ACTIVE
 
@@ -988,8 +992,7 @@ def _rollback_savepoint(
     scope's earlier work is lost, so its owner is marked rollback-only and can
     never commit what follows."""
     try:
-        with _own_operation(frame):
-            savepoint.rollback()
+        _own_operation(frame, savepoint.rollback)
     except Exception as err:
         logger.warning(
             "rolling back to the savepoint of %s failed (%s): the enclosing "
