@@ -12,6 +12,7 @@ tests=(
     tests/test_integrity_config.py
     tests/test_review_findings.py
     tests/test_review2_findings.py
+    tests/test_review3_findings.py
     tests/test_model.py
 )
 for version in 3.10 3.12 3.13; do

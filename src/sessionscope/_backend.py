@@ -244,9 +244,20 @@ def release_failed_aiosqlite_cursors(engine: Engine) -> None:
 _cursors_released: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+_BEGIN_CURSOR: Final = "sessionscope_begin_cursor"
+
+
 def _pysqlite_begin(connection: Any) -> None:
-    # ``connection`` is the pool's proxy of the sqlite3 connection.
-    connection.dbapi_connection.execute("BEGIN")
+    # ``connection`` is the pool's proxy of the sqlite3 connection. Its info
+    # lives as long as the DBAPI connection, so it keeps one cursor for BEGIN:
+    # sqlite3's execute() would make a new cursor every time, and the
+    # connection keeps a weak reference to each cursor it made until it next
+    # cleans them up (memory per transaction, for nothing).
+    info = connection.info
+    cursor = info.get(_BEGIN_CURSOR)
+    if cursor is None:
+        cursor = info[_BEGIN_CURSOR] = connection.dbapi_connection.cursor()
+    cursor.execute("BEGIN")
 
 
 def _aiosqlite_begin(connection: Any) -> None:

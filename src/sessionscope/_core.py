@@ -38,6 +38,7 @@ import functools
 import inspect
 import logging
 import sys
+import threading
 import time
 import weakref
 from asyncio import current_task, isfuture
@@ -176,6 +177,7 @@ stack: ContextVar[Frame | None] = ContextVar("sessionscope_frame", default=None)
 # whichever worker thread runs it, so it joins the caller's sync scope. Only threads
 # consult it; asyncio tasks keep their own identity, so child tasks never share.
 worker_key: ContextVar[object | None] = ContextVar("sessionscope_worker_key", default=None)
+_thread_key = threading.local()
 
 
 class Boundary:
@@ -369,7 +371,15 @@ def context_key() -> object:
         if task is not None:
             return task
     key = worker_key.get()
-    return key if key is not None else get_ident()
+    if key is not None:
+        return key
+    # The thread's id, made once per thread: get_ident() builds a new int object
+    # on every call, and frames keep their key for as long as they are open.
+    try:
+        return _thread_key.ident
+    except AttributeError:
+        ident = _thread_key.ident = get_ident()
+        return ident
 
 
 def _same_caller(frame_key: object, key: object) -> bool:
@@ -641,8 +651,9 @@ def open_frame(
             if cfg.long_session_warning is None:
                 stats.session_opened()
             else:
+                place, offset = _watch.where(function, caller)
                 stats.session_opened_watched(
-                    id(frame), started, cfg.long_session_warning, _watch.where(function, caller)
+                    id(frame), started, cfg.long_session_warning, place, offset
                 )
                 if started >= stats.next_deadline:
                     _watch.warn_overdue(stats, started)

@@ -184,7 +184,7 @@ class Stats:
         self.read_fallbacks = 0
         self.connect_failures: dict[str, int] = {}
         self._base: dict[str, Any] | None = None
-        self._held: dict[int, tuple[float, float, object]] = {}
+        self._held: dict[int, tuple[float, float, object, int]] = {}
         self.next_deadline = math.inf
         """Earliest deadline of a watched session; read without the lock as a
         cheap "is a long-held check due?" test (a stale value only causes one
@@ -207,13 +207,13 @@ class Stats:
             lock.release()
 
     def session_opened_watched(
-        self, key: int, started: float, threshold: float, where: object
+        self, key: int, started: float, threshold: float, where: object, offset: int = -1
     ) -> None:
         """:meth:`session_opened` for a session watched for the long-held
         warning: ``key`` identifies it until :meth:`transaction_ended` (an id,
         not the scope itself: the statistics must never keep a session that its
-        owner dropped alive), ``where`` is returned by :meth:`overdue` (opaque
-        here)."""
+        owner dropped alive); ``(where, offset)`` is returned by :meth:`overdue`
+        (opaque here)."""
         deadline = started + threshold
         lock = self._lock
         lock.acquire()
@@ -222,7 +222,7 @@ class Stats:
             self.active_sessions += 1
             # A tuple of what was given, not an object: this runs for every
             # session by default, and each extra object is memory per session.
-            self._held[key] = (started, threshold, where)
+            self._held[key] = (started, threshold, where, offset)
             if deadline < self.next_deadline:
                 self.next_deadline = deadline
         finally:
@@ -407,17 +407,18 @@ class Stats:
         with self._lock:
             self.connect_failures[replica] = self.connect_failures.get(replica, 0) + 1
 
-    def overdue(self, now: float) -> list[tuple[float, float, object]]:
+    def overdue(self, now: float) -> list[tuple[float, float, tuple[object, int]]]:
         """Watched sessions open past their threshold at ``now``, as
-        ``(age, threshold, where)``; each is returned once, then no longer watched."""
+        ``(age, threshold, (where, offset))``; each is returned once, then no
+        longer watched."""
         with self._lock:
-            found: list[tuple[float, float, object]] = []
+            found: list[tuple[float, float, tuple[object, int]]] = []
             earliest = math.inf
-            for key, (started, threshold, where) in list(self._held.items()):
+            for key, (started, threshold, where, offset) in list(self._held.items()):
                 deadline = started + threshold
                 if deadline <= now:
                     del self._held[key]
-                    found.append((now - started, threshold, where))
+                    found.append((now - started, threshold, (where, offset)))
                 elif deadline < earliest:
                     earliest = deadline
             self.next_deadline = earliest

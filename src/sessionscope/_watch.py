@@ -36,28 +36,29 @@ logger = logging.getLogger("sessionscope")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def where(function: str | None, caller: FrameType | None) -> object:
-    """Where a session is being opened: ``function`` (a decorated function's
-    name) if given, else ``(code, line)`` of the nearest frame outside this
-    package from ``caller`` (the frame that entered the scope) outwards."""
+def where(function: str | None, caller: FrameType | None) -> tuple[object, int]:
+    """Where a session is being opened, as ``(place, offset)``: ``(function, -1)``
+    for a decorated function (its name), else ``(code, instruction offset)`` of
+    the nearest frame outside this package from ``caller`` (the frame that
+    entered the scope) outwards; ``(None, -1)`` if there is none."""
     if function is not None:
-        return function
+        return function, -1
     frame = caller
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
     # The instruction offset, not f_lineno: working out a line number decodes
     # the code's line table, which costs more than the rest of a scope's
     # bookkeeping; describe() does it for the rare session reported.
-    return None if frame is None else (frame.f_code, frame.f_lasti)
+    return (None, -1) if frame is None else (frame.f_code, frame.f_lasti)
 
 
-def describe(where: object) -> str:
-    """``where`` from :func:`held` as text for a log line."""
-    if isinstance(where, str):
-        return f"decorated function {where}"
-    if isinstance(where, tuple) and len(where) == 2 and isinstance(where[0], CodeType):
-        code, offset = where
-        return f'File "{code.co_filename}", line {_line_at(code, offset)}, in {code.co_name}'
+def describe(where: tuple[object, int]) -> str:
+    """``(place, offset)`` from :func:`where` as text for a log line."""
+    place, offset = where
+    if isinstance(place, str):
+        return f"decorated function {place}"
+    if isinstance(place, CodeType):
+        return f'File "{place.co_filename}", line {_line_at(place, offset)}, in {place.co_name}'
     return "an unknown place"
 
 
