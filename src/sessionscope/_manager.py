@@ -229,9 +229,9 @@ class SessionManager(Generic[S_co, AS_co]):
                 log_enabled=lambda: self._config.log_levelno <= logging.WARNING,
                 stats=lambda: self._stats,
             )
+        self._host = _Host(self)
         self._plain: SessionConfig | None = None
         self._note_config()
-        self._host = _Host(self)
 
     def __repr__(self) -> str:
         return f"SessionManager({self.name!r})"
@@ -380,14 +380,15 @@ class SessionManager(Generic[S_co, AS_co]):
         self._config = new
         self._resolved = {}
         self._note_config()
-        self._host.config = new
         return new
 
     def _note_config(self) -> None:
-        # The manager's own config, when a scope with it opens a plain session
-        # from the default factory (no per-scope option, no cluster): scopes
-        # without overrides then skip the checks of _open_sync / _open_async.
-        cfg = self._config
+        # What scopes read of the current config without a call: the config
+        # itself (for scopes and decorated calls without overrides), and the
+        # config again when a scope with it opens a plain session from the
+        # default factory (no per-scope option, no cluster), so that those skip
+        # the checks of _open_sync / _open_async.
+        cfg = self._host.config = self._config
         self._plain = cfg if self._cluster is None and self._no_options(cfg) else None
 
     def _no_options(self, cfg: SessionConfig) -> bool:

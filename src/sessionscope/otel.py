@@ -116,10 +116,12 @@ class Instrumentation:
     def uninstrument(self) -> None:
         """Stop recording: detach the engine events and the statistics listener;
         the observable instruments report nothing from now on."""
+        # Off the meter's observable instruments first: they never call this
+        # instrumentation again.
+        self._observed.leave(self)
         with self._lock:
             self._active = False
             engines, self._engines = self._engines, []
-        self._observed.leave(self)
         self.manager.stats.remove_listener(self._on_transaction)
         self.manager.remove_engine_hook(self._on_engine)
         for engine, listeners in engines:
@@ -156,21 +158,15 @@ class Instrumentation:
 
     def _gauge(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            if not self._active:
-                return []
             return [Observation(self.manager.stats.totals()[key], self._base)]
 
         return observe
 
     def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         errors: dict[str, int] = self.manager.stats.totals()["retry_errors"]
         return [Observation(n, {**self._base, "error.type": e}) for e, n in errors.items()]
 
     def _savepoints(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         t = self.manager.stats.totals()
         key = "sessionscope.savepoint.outcome"
         released = t["savepoints"] - t["savepoint_rollbacks"]
@@ -183,27 +179,19 @@ class Instrumentation:
         return routing_series(self.manager.stats.totals()["routing"], self.manager.replica_health())
 
     def _routed_reads(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         engine, reason = "sessionscope.routing.engine", "sessionscope.routing.reason"
         return [
             Observation(n, {**self._base, engine: e, reason: r}) for e, r, n in self._routing()[0]
         ]
 
     def _read_fallbacks(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         return [Observation(self.manager.stats.totals()["routing"]["fallbacks"], self._base)]
 
     def _connect_failures(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         key = "sessionscope.replica.name"
         return [Observation(n, {**self._base, key: name}) for name, n in self._routing()[1]]
 
     def _replica_health(self, options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         key = "sessionscope.replica.name"
         return [
             Observation(1 if healthy else 0, {**self._base, key: name})
@@ -211,8 +199,6 @@ class Instrumentation:
         ]
 
     def _pools(self) -> Iterable[tuple[str, Any]]:
-        if not self._active:
-            return []
         name = self.manager.name
         return [(f"{name} [{role}]", e.pool) for role, e in self.manager.engines_by_role().items()]
 
