@@ -15,12 +15,14 @@ completely idle is reported at the next activity.
 
 Where: for a decorated function its qualified name (free, known at decoration
 time); for a ``with`` block the file, line and function of the statement,
-found by ``sys._getframe`` (walking past this package's own frames only for
-framework entry points such as ``get_db``), done only when the warning is enabled.
+found by ``sys._getframe`` (walking past this package's own frames, for
+framework entry points such as ``get_db``, and ``contextlib``'s, for an
+``ExitStack``), done only when the warning is enabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from types import CodeType, FrameType
@@ -34,17 +36,24 @@ __all__ = ["describe", "warn_overdue", "where"]
 logger = logging.getLogger("sessionscope")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONTEXTLIB = contextlib.__file__
 
 
 def where(function: str | None, caller: FrameType | None) -> tuple[object, int]:
     """Where a session is being opened, as ``(place, offset)``: ``(function, -1)``
     for a decorated function (its name), else ``(code, instruction offset)`` of
-    the nearest frame outside this package from ``caller`` (the frame that
-    entered the scope) outwards; ``(None, -1)`` if there is none."""
+    the nearest frame outside this package and ``contextlib`` (an
+    ``ExitStack``, a ``@contextmanager`` helper's machinery) from ``caller``
+    (the frame that entered the scope) outwards; ``(None, -1)`` if there is
+    none."""
     if function is not None:
         return function, -1
     frame = caller
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        # ExitStack.enter_context, @contextmanager: the code that called them
+        or frame.f_code.co_filename == _CONTEXTLIB
+    ):
         frame = frame.f_back
     # The instruction offset, not f_lineno: working out a line number decodes
     # the code's line table, which costs more than the rest of a scope's

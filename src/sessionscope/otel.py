@@ -116,12 +116,10 @@ class Instrumentation:
     def uninstrument(self) -> None:
         """Stop recording: detach the engine events and the statistics listener;
         the observable instruments report nothing from now on."""
-        # Off the meter's observable instruments first: they never call this
-        # instrumentation again.
-        self._observed.leave(self)
         with self._lock:
             self._active = False
             engines, self._engines = self._engines, []
+        self._observed.leave(self)
         self.manager.stats.remove_listener(self._on_transaction)
         self.manager.remove_engine_hook(self._on_engine)
         for engine, listeners in engines:
@@ -380,7 +378,9 @@ class _Observed:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             found: list[Observation] = []
             for member in self._members:
-                found.extend(callback_of(member)(options))
+                # A collection in flight may still hold a member that has left.
+                if member._active:
+                    found.extend(callback_of(member)(options))
             return found
 
         return observe
