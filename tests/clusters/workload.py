@@ -71,6 +71,29 @@ def recovery_times(
     return times
 
 
+def unfinished(outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]]) -> int:
+    """How many workers still had units to run at the fault: under contention a
+    worker can win every conflict and finish all its units before the others
+    start, and it has nothing to carry on with afterwards."""
+    return sum(
+        1
+        for keys in workers.values()
+        if any(not 0 < outcomes.finished_at.get(k, 0) <= fault_at for k in keys)
+    )
+
+
+def per_worker(outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]]) -> str:
+    """Per worker: units done before and after the fault, unknown and failed."""
+    parts = []
+    for name, keys in workers.items():
+        before = sum(1 for k in keys if 0 < outcomes.finished_at.get(k, 0) <= fault_at)
+        after = sum(1 for k in keys if outcomes.finished_at.get(k, 0) > fault_at)
+        unknown = sum(1 for k in keys if k in outcomes.unknown)
+        failed = sum(1 for k in keys if k in outcomes.failed)
+        parts.append(f"{name}: {before} before, {after} after, {unknown} unknown, {failed} failed")
+    return "; ".join(parts)
+
+
 def summary(times: list[float]) -> str:
     if not times:
         return "n/a"
