@@ -126,3 +126,24 @@ def test_smoke_run_writes_every_workload_and_peer(tmp_path: Path) -> None:
 
     png = (tmp_path / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_opcode_profile_names_where_the_scope_spends() -> None:
+    # Bytecode counts are exact, so the profile's split is asserted, not a speed:
+    # the scope's own entry and exit are found, and the recipe's BEGIN is the only
+    # sessionscope function raw + recipe runs.
+    command = [sys.executable, "-m", "benchmarks.opcodes", "--n", "5", "--top", "200"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sections = done.stdout.split("\n\n")
+    recipe = next(s for s in sections if s.startswith("raw_recipe minus raw"))
+    scope = next(s for s in sections if s.startswith("sessionscope minus raw"))
+    assert [line for line in recipe.splitlines() if "src/sessionscope/" in line] == [
+        line for line in recipe.splitlines() if "_backend.py:_pysqlite_begin" in line
+    ]
+    rows = {line.split()[1]: float(line.split()[0]) for line in scope.splitlines()[1:]}
+    assert rows["src/sessionscope/_core.py:open_frame"] > 0
+    assert any(k.endswith("transaction_ended") and v > 0 for k, v in rows.items())
