@@ -727,7 +727,11 @@ class SessionManager(Generic[S_co, AS_co]):
 
     def dispose(self) -> None:
         """Close the sync engine's pooled connections (the async engine: use
-        :meth:`adispose`)."""
+        :meth:`adispose`).
+
+        Call it once the work has stopped: a connection checked out at that
+        moment goes back to the disposed pool, which SQLAlchemy does not close;
+        it stays open until the garbage collector collects that pool."""
         self._source.dispose()
         if self._router is not None:
             self._router.dispose()
@@ -735,7 +739,10 @@ class SessionManager(Generic[S_co, AS_co]):
             self._cluster.dispose()
 
     async def adispose(self) -> None:
-        """Close the pooled connections of both engines (and of the replicas)."""
+        """Close the pooled connections of both engines (and of the replicas).
+
+        The sync engines are disposed too, so call it once sync work in other
+        threads has stopped as well (see :meth:`dispose`)."""
         await self._source.adispose()
         if self._router is not None:
             await self._router.adispose()

@@ -72,13 +72,16 @@ def recovery_times(
 
 
 def unfinished(outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]]) -> int:
-    """How many workers still had units to run at the fault: under contention a
-    worker can win every conflict and finish all its units before the others
-    start, and it has nothing to carry on with afterwards."""
+    """How many workers had units left at the fault whose outcome is known: under
+    contention a worker can win every conflict and finish all its units before
+    the others start, and it has nothing to carry on with afterwards."""
     return sum(
         1
         for keys in workers.values()
-        if any(not 0 < outcomes.finished_at.get(k, 0) <= fault_at for k in keys)
+        if any(
+            not 0 < outcomes.finished_at.get(k, 0) <= fault_at and k not in outcomes.unknown
+            for k in keys
+        )
     )
 
 
