@@ -31,12 +31,12 @@ _ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 
 def _where(frame: FrameType) -> str:
-    path = frame.f_code.co_filename
+    code = frame.f_code
+    path = code.co_filename
     for marker in ("site-packages/", _ROOT):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
-    code = frame.f_code
     name = code.co_qualname if sys.version_info >= (3, 11) else code.co_name
     return f"{path}:{name}"
 

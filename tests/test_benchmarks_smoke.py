@@ -141,9 +141,11 @@ def test_opcode_profile_names_where_the_scope_spends() -> None:
     sections = done.stdout.split("\n\n")
     recipe = next(s for s in sections if s.startswith("raw_recipe minus raw"))
     scope = next(s for s in sections if s.startswith("sessionscope minus raw"))
-    assert [line for line in recipe.splitlines() if "src/sessionscope/" in line] == [
-        line for line in recipe.splitlines() if "_backend.py:_pysqlite_begin" in line
-    ]
-    rows = {line.split()[1]: float(line.split()[0]) for line in scope.splitlines()[1:]}
+    own = [line for line in recipe.splitlines() if "src/sessionscope/" in line]
+    assert len(own) == 1 and "_backend.py:_pysqlite_begin" in own[0], recipe
+    rows = {
+        key: float(count)
+        for count, key in (line.split(maxsplit=1) for line in scope.splitlines()[1:])
+    }
     assert rows["src/sessionscope/_core.py:open_frame"] > 0
     assert any(k.endswith("transaction_ended") and v > 0 for k, v in rows.items())

@@ -226,11 +226,10 @@ def test_kill_9_of_a_node_mid_run_loses_and_doubles_nothing(fresh: GaleraCluster
         times = recovery_times(outcomes, fault_at, plan)
         print("\n" + describe_run("Galera kill -9 of node3, 6 threads x 40", stats, outcomes, keys))
         print(f"time to recover per thread after kill -9: {summary(times)}")
-        print(per_worker(outcomes, fault_at, plan))
+        workers = per_worker(outcomes, fault_at, plan)
+        print(workers)
         # Every worker with units left at the kill carried on.
-        assert len(times) == unfinished(outcomes, fault_at, plan), per_worker(
-            outcomes, fault_at, plan
-        )
+        assert len(times) == unfinished(outcomes, fault_at, plan), workers
         assert stats["cluster"]["nodes"]["node3"]["failures"] >= 1
         # The killed node rejoins; after its cool-down new sessions use it again.
         victim.start()
@@ -289,8 +288,9 @@ async def test_kill_9_of_a_node_mid_run_async(fresh: GaleraCluster) -> None:
     times = recovery_times(outcomes, fault_at, plan)
     print("\n" + describe_run("Galera async kill -9 of node2, 6 tasks x 40", stats, outcomes, keys))
     print(f"time to recover per task after kill -9: {summary(times)}")
-    print(per_worker(outcomes, fault_at, plan))
-    assert len(times) == unfinished(outcomes, fault_at, plan), per_worker(outcomes, fault_at, plan)
+    workers = per_worker(outcomes, fault_at, plan)
+    print(workers)
+    assert len(times) == unfinished(outcomes, fault_at, plan), workers
     assert stats["cluster"]["nodes"]["node2"]["failures"] >= 1
 
 

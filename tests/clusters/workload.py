@@ -42,6 +42,10 @@ class Outcomes:
             else:
                 self.failed[key] = f"{type(err).__name__}: {err}"[:300]
 
+    def done_by(self, key: str, moment: float) -> bool:
+        """Whether ``key`` was reported done at or before ``moment``."""
+        return 0 < self.finished_at.get(key, 0) <= moment
+
     def check(self, keys: set[str], counter: int) -> None:
         """Assert no unit was lost or doubled and every effect applied whole."""
         assert not self.failed, self.failed
@@ -78,10 +82,7 @@ def unfinished(outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]
     return sum(
         1
         for keys in workers.values()
-        if any(
-            not 0 < outcomes.finished_at.get(k, 0) <= fault_at and k not in outcomes.unknown
-            for k in keys
-        )
+        if any(not outcomes.done_by(k, fault_at) and k not in outcomes.unknown for k in keys)
     )
 
 
@@ -89,7 +90,7 @@ def per_worker(outcomes: Outcomes, fault_at: float, workers: dict[str, list[str]
     """Per worker: units done before and after the fault, unknown and failed."""
     parts = []
     for name, keys in workers.items():
-        before = sum(1 for k in keys if 0 < outcomes.finished_at.get(k, 0) <= fault_at)
+        before = sum(1 for k in keys if outcomes.done_by(k, fault_at))
         after = sum(1 for k in keys if outcomes.finished_at.get(k, 0) > fault_at)
         unknown = sum(1 for k in keys if k in outcomes.unknown)
         failed = sum(1 for k in keys if k in outcomes.failed)
