@@ -45,7 +45,6 @@ _NEW, _JOIN, _SAVEPOINT = Action.NEW, Action.JOIN, Action.SAVEPOINT  # see _core
 _ACTIVE = _core.FrameState.ACTIVE
 
 
-
 class AsyncScope:
     """Async context manager yielding an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
 
@@ -174,8 +173,8 @@ async def acall_with_retry(
     manager: _core.ScopeHost | None,
     cfg: SessionConfig,
     function: str | None,
-    call: Callable[[], Awaitable[T]],
     token: Token[_core.Boundary | None],
+    call: Callable[[], Awaitable[T]],
 ) -> T:
     """Async twin of :func:`._sync.call_with_retry` (same decisions, asyncio sleep)."""
     try:
@@ -222,7 +221,7 @@ def decorate_async(
         token = _core.enter_retry_boundary(cfg, explicit is not None, True, manager)
         if token is None:
             return await once()
-        return await acall_with_retry(manager, cfg, name, once, token)
+        return await acall_with_retry(manager, cfg, name, token, once)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper

@@ -534,7 +534,7 @@ class SessionManager(Generic[S_co, AS_co]):
         token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
         if token is None:
             return func(*args, **kwargs)
-        return call_with_retry(self._host, cfg, name, lambda: func(*args, **kwargs), token)
+        return call_with_retry(self._host, cfg, name, token, lambda: func(*args, **kwargs))
 
     @overload
     async def async_with_retry(
@@ -576,7 +576,7 @@ class SessionManager(Generic[S_co, AS_co]):
         token = _core.enter_retry_boundary(cfg, explicit=False, is_async=None, manager=None)
         if token is None:
             return await func(*args, **kwargs)
-        return await acall_with_retry(self._host, cfg, name, lambda: func(*args, **kwargs), token)
+        return await acall_with_retry(self._host, cfg, name, token, lambda: func(*args, **kwargs))
 
     def _retry_config(self, max_retries: int | None, retry_delay: float | None) -> SessionConfig:
         overrides: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from . import _core
 from ._decorate import (
+    Injection,
     detached_config,
     options_key,
     prepare,
@@ -29,6 +30,7 @@ from ._policy import Action
 
 if TYPE_CHECKING:
     from contextvars import Token
+    from types import FrameType
 
     from ._config import SessionConfig
 
@@ -38,7 +40,6 @@ T = TypeVar("T")
 
 _SAVEPOINT = Action.SAVEPOINT  # see _core._NEW
 _ACTIVE = _core.FrameState.ACTIVE
-
 
 
 class SyncScope:
@@ -71,18 +72,14 @@ class SyncScope:
                 "share (and then close) its session. Create one scope object per with "
                 "block: with session_scope() as session: ..."
             )
-        frame = _core.open_frame(
-            self._cfg,
-            False,
+        frame = _enter(
             self._manager,
+            self._cfg,
             self._function,
             None if self._function is not None else sys._getframe(1),
             self._explicit,
         )
-        if frame.action is _SAVEPOINT:
-            _core.begin_savepoint(frame.session, frame)
         self._frame = frame
-        _core.push(frame)
         return frame.session
 
     def __exit__(
@@ -94,27 +91,73 @@ class SyncScope:
         frame = self._frame
         if frame is None:
             raise RuntimeError("session scope exited without being entered")
-        _core.pop(frame)
-        callbacks, error = _core.exit_frame(frame.session, frame, exc)
-        if callbacks:
-            run_callbacks_sync(callbacks)
-        error = error or exc
-        if error is None:
-            return
-        if isinstance(error, sa_exc.TimeoutError) and self._manager is not None:
-            raise self._manager.pool_exhausted(error) from error
-        if error is not exc:
-            raise error
+        _leave(self._manager, frame, exc)
+
+
+def _enter(
+    manager: _core.ScopeHost | None,
+    cfg: SessionConfig,
+    function: str | None,
+    caller: FrameType | None,
+    explicit: Session | None,
+) -> _core.Frame:
+    frame = _core.open_frame(cfg, False, manager, function, caller, explicit)
+    if frame.action is _SAVEPOINT:
+        _core.begin_savepoint(frame.session, frame)
+    _core.push(frame)
+    return frame
+
+
+def _leave(manager: _core.ScopeHost | None, frame: _core.Frame, exc: BaseException | None) -> None:
+    """End ``frame`` after its body returned (``exc`` None) or raised ``exc``:
+    run the ``on_commit`` callbacks due, then raise the scope's own error, if
+    any (the caller re-raises ``exc`` when this returns)."""
+    _core.pop(frame)
+    callbacks, error = _core.exit_frame(frame.session, frame, exc)
+    if callbacks:
+        run_callbacks_sync(callbacks)
+    error = error or exc
+    if error is None:
+        return
+    if isinstance(error, sa_exc.TimeoutError) and manager is not None:
+        raise manager.pool_exhausted(error) from error
+    if error is not exc:
+        raise error
+
+
+def _call_in_scope(
+    manager: _core.ScopeHost | None,
+    cfg: SessionConfig,
+    function: str,
+    explicit: Session | None,
+    injection: Injection,
+    func: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    """One call of a decorated function in its own scope: what ``with
+    SyncScope(...) as session: return func(...)`` does, without the scope
+    object and the ``with`` protocol (this runs for every decorated call)."""
+    frame = _enter(manager, cfg, function, None, explicit)
+    try:
+        call_args, call_kwargs = injection.call_args(args, kwargs, frame.session)
+        result = func(*call_args, **call_kwargs)
+    except BaseException as exc:
+        _leave(manager, frame, exc)
+        raise
+    _leave(manager, frame, None)
+    return result
 
 
 def call_with_retry(
     manager: _core.ScopeHost | None,
     cfg: SessionConfig,
     function: str | None,
-    call: Callable[[], T],
     token: Token[_core.Boundary | None],
+    call: Callable[..., T],
+    *args: Any,
 ) -> T:
-    """Run ``call``; on a transient error, back off and run it again (each attempt
+    """Run ``call(*args)``; on a transient error, back off and run it again (each attempt
     opens its own session). Whether this call retries at all is the core's
     decision (:func:`._core.enter_retry_boundary`), whose ``token`` this
     resets when done."""
@@ -122,7 +165,7 @@ def call_with_retry(
         attempt = 0
         while True:
             try:
-                return call()
+                return call(*args)
             except Exception as exc:
                 attempt += 1
                 delay = _core.next_retry(manager, cfg, exc, attempt, function)
@@ -157,14 +200,15 @@ def decorate_sync(
             cfg = detached
         else:
             cfg = manager.resolve(key, overrides) if overrides else manager.config
-
-        def once() -> T:
-            with SyncScope(manager, cfg, explicit, name) as session:
-                call_args, call_kwargs = injection.call_args(args, kwargs, session)
-                return func(*call_args, **call_kwargs)
-
         token = _core.enter_retry_boundary(cfg, explicit is not None, False, manager)
-        return once() if token is None else call_with_retry(manager, cfg, name, once, token)
+        if token is None:
+            return _call_in_scope(manager, cfg, name, explicit, injection, func, args, kwargs)
+        # Each attempt is a call of its own: no closure is made per call.
+        result: T = call_with_retry(
+            manager, cfg, name, token,
+            _call_in_scope, manager, cfg, name, explicit, injection, func, args, kwargs,
+        )  # fmt: skip
+        return result
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
