@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -798,6 +799,85 @@ def test_nested_scope_in_a_generator_on_the_callers_session_is_refused(env: Env)
             next(gen())
     assert env.rows() == ["caller"]
     env.assert_clean()
+
+
+def test_nested_scope_in_a_helper_a_generator_calls_is_allowed(env: Env) -> None:
+    """A function that is no generator and opens its scope with a ``with``
+    statement closes it before it returns, so the generator calling it cannot
+    yield while the SAVEPOINT is open: nothing to refuse, and the savepoint
+    rolls back only its own work."""
+    manager = env.manager
+
+    def helper(fail: bool) -> None:
+        with manager.session_scope(propagation="nested") as session:
+            session.add(User(name="helper, failed" if fail else "helper"))
+            if fail:
+                raise ValueError("only the savepoint rolls back")
+
+    def gen() -> Iterator[int]:
+        for fail in (False, True):
+            with contextlib.suppress(ValueError):
+                helper(fail)
+            yield 1
+
+    with manager.session_scope() as session:
+        session.add(User(name="caller"))
+        assert sum(gen()) == 2
+    assert env.rows() == ["caller", "helper"]
+    env.assert_clean()
+
+
+def test_with_statement_entry_is_told_from_a_call() -> None:
+    """How a caller entered a scope decides whether the generator walk can be
+    skipped: only its own ``with`` / ``async with`` statement ends the scope
+    before the caller returns; ``__enter__`` called by ``ExitStack`` or by hand
+    may leave it open (checked on every Python version CI runs)."""
+    from sessionscope._core import _with_statement
+
+    seen: list[bool] = []
+
+    class Probe:
+        def __enter__(self) -> None:
+            seen.append(_with_statement(sys._getframe(1)))
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        async def __aenter__(self) -> None:
+            seen.append(_with_statement(sys._getframe(1)))
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+    def statement() -> None:
+        with Probe():
+            pass
+
+    def by_hand() -> None:
+        Probe().__enter__()
+
+    def exit_stack() -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(Probe())
+
+    async def async_statement() -> None:
+        async with Probe():
+            pass
+
+    async def async_by_hand() -> None:
+        await Probe().__aenter__()
+
+    async def async_exit_stack() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(Probe())
+
+    statement()
+    by_hand()
+    exit_stack()
+    asyncio.run(async_statement())
+    asyncio.run(async_by_hand())
+    asyncio.run(async_exit_stack())
+    assert seen == [True, False, False, True, False, False]
 
 
 def test_savepoint_closed_by_the_body_commit_fails_the_owner_if_its_scope_fails(env: Env) -> None:

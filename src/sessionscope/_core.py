@@ -65,7 +65,7 @@ from ._errors import (
 )
 from ._observe import Outcome, TransactionInfo, TransactionObserver
 from ._policy import ALONE, JOINING, Action, decide
-from ._poolwait import waited_since
+from ._poolwait import waited
 from ._retry import describe, is_disconnect, retry_delay_for
 
 if TYPE_CHECKING:
@@ -244,6 +244,11 @@ _YIELD_VALUE: Final = dis.opmap["YIELD_VALUE"]
 _YIELD_FROM: Final = dis.opmap.get("YIELD_FROM", -1)
 _SEND: Final = dis.opmap.get("SEND", -1)
 _ASYNC_GEN_WRAP: Final = dis.opmap.get("ASYNC_GEN_WRAP", -1)
+# The instruction that calls __enter__ in a with statement, and the one that
+# begins an async with statement (then GET_AWAITABLE, LOAD_CONST None, and the
+# await of __aenter__()).
+_WITH_ENTRY: Final = dis.opmap.get("BEFORE_WITH", dis.opmap.get("SETUP_WITH", -1))
+_ASYNC_WITH_ENTRY: Final = dis.opmap["BEFORE_ASYNC_WITH"]
 
 
 class Frame:
@@ -295,6 +300,7 @@ class Frame:
         "stats",
         "trace",
         "veto",
+        "waited",
         "within",
     )
 
@@ -354,6 +360,8 @@ class Frame:
         # (observer, handle) of each transaction observer watching this scope.
         self.trace: list[tuple[TransactionObserver, object]] | None = None
         self.started = 0.0
+        # Monitored NEW frames: the thread's or task's pool wait when it began.
+        self.waited = 0.0
 
     def forbid(self, veto: Veto, cause: BaseException | None) -> None:
         """Keep this owning frame from committing; a stronger reason replaces a
@@ -428,7 +436,14 @@ def entered_in_generator(caller: FrameType) -> FrameType | None:
     when no iterated generator runs here. ``caller`` is the frame that called
     ``__enter__``; helpers in between (``ExitStack``, ``@contextmanager``
     functions, wrapper classes) hold the scope for the code that called them.
-    Marking a scope that ends before its generator next yields is harmless."""
+    Marking a scope that ends before its generator next yields is harmless.
+
+    A caller that is no generator and enters the scope with a ``with`` or
+    ``async with`` statement of its own ends it before it returns, so no
+    generator above it can yield while the scope is open: None, without a
+    walk (the usual case, and the walk's cost grows with the stack's depth)."""
+    if not caller.f_code.co_flags & _GENERATOR_FLAGS and _with_statement(caller):
+        return None
     frame: FrameType | None = caller
     while frame is not None:
         if frame.f_code.co_flags & _GENERATOR_FLAGS:
@@ -447,6 +462,21 @@ def entered_in_generator(caller: FrameType) -> FrameType | None:
             frame = resumer
         frame = frame.f_back
     return None
+
+
+def _with_statement(frame: FrameType) -> bool:
+    """Whether ``frame``, the caller of a scope's ``__enter__`` or
+    ``__aenter__``, is executing a ``with`` / ``async with`` statement rather
+    than calling the method itself (``ExitStack``, a wrapper's ``__enter__``)."""
+    code = frame.f_code.co_code
+    at = frame.f_lasti
+    if code[at] == _WITH_ENTRY:
+        return True
+    # Awaiting __aenter__(): at SEND (YIELD_FROM before 3.11), or at SEND's
+    # inline cache entry (3.12); the statement began three instructions before.
+    if at >= 2 and code[at - 2] == _SEND:
+        at -= 2
+    return at >= 6 and code[at - 6] == _ASYNC_WITH_ENTRY
 
 
 def _delegates(generator: FrameType) -> bool:
@@ -648,6 +678,7 @@ def open_frame(
             boundary.open_elsewhere += 1
         frame.started = started = time.perf_counter()
         if stats is not None:
+            frame.waited = waited()
             if cfg.long_session_warning is None:
                 stats.session_opened()
             else:
@@ -1246,7 +1277,7 @@ def _close(
         if stats is not None:
             # The wait for a pooled connection is the pool's story, not the
             # transaction's: it is left out of the slow threshold.
-            wait = waited_since(frame.started)
+            wait = waited() - frame.waited
             slow = stats.transaction_ended(
                 committed, failed, duration, cfg.slow_threshold, frame.function, id(frame), wait
             )

@@ -10,11 +10,12 @@ and SQLite files). The pool's class is swapped for a subclass whose
 measurement survives a dispose. Other pools (``StaticPool``,
 ``SingletonThreadPool``, ``NullPool``) never queue and are left alone.
 
-Each checkout is kept in a context variable as ``(started, waited)``, the last
-:data:`KEEP` of them: a scope ending reads the waits that started after it did
-with :func:`waited_since`. A transaction that checks out more connections than
-that (many binds, a deep chain of ``requires_new`` scopes) has its earliest
-waits left in its duration.
+Each checkout adds its wait to a running total kept in a context variable
+(:func:`waited`): a scope reads it when it begins and when it ends, and the
+difference is the time it queued for connections, however many it checked out.
+Like any context variable, the total is per thread and per asyncio task (a task
+starts from a copy of its creator's total, so its own checkouts are not its
+creator's).
 """
 
 from __future__ import annotations
@@ -29,25 +30,13 @@ from sqlalchemy.pool import QueuePool
 if TYPE_CHECKING:
     from ._stats import Stats
 
-__all__ = ["KEEP", "install", "waited_since"]
+__all__ = ["install", "waited"]
 
-KEEP: Final = 4
-"""Checkouts remembered per thread or task."""
+_waited: ContextVar[float] = ContextVar("sessionscope_pool_wait", default=0.0)
 
-_recent: ContextVar[tuple[tuple[float, float], ...]] = ContextVar(
-    "sessionscope_pool_waits", default=()
-)
-
-
-def waited_since(started: float) -> float:
-    """Seconds the current thread or task spent acquiring pooled connections in
-    checkouts that began at or after ``started`` (a ``time.perf_counter()``)."""
-    total = 0.0
-    for began, waited in _recent.get():
-        if began < started:
-            break  # newest first: the rest are older
-        total += waited
-    return total
+waited: Final = _waited.get
+"""Seconds the current thread or task has spent acquiring connections from
+measured pools so far: a scope's share is the difference between two readings."""
 
 
 def install(engine: Engine, stats: Stats) -> None:
@@ -66,10 +55,10 @@ def install(engine: Engine, stats: Stats) -> None:
     def connect(self: Any) -> Any:
         began = perf_counter()
         connection = base_connect(self)
-        waited = perf_counter() - began
-        _recent.set(((began, waited), *_recent.get()[: KEEP - 1]))
+        took = perf_counter() - began
+        _waited.set(_waited.get() + took)
         for each in type(self)._sessionscope_stats:
-            each.pool_waited(waited)
+            each.pool_waited(took)
         return connection
 
     # A class per engine: the stats it reports to travel with the class, so the

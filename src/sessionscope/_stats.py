@@ -1,8 +1,11 @@
 """Statistics: counters, durations, long-held sessions, snapshots (pure, no I/O).
 
-One :class:`Stats` per manager. Every event takes its one lock for a few
-attribute updates, so counts are exact under threads, and cheap in asyncio where
-the lock is never contended.
+One :class:`Stats` per manager. The events of every transaction (its end, a
+pooled connection's checkout) are appended to a journal without a lock, and
+added into the figures in batches: by whoever reads them, and by the event that
+fills the journal to :data:`JOURNAL_LIMIT`. Every other event takes the one lock
+for a few attribute updates. Counts are exact under threads (a read folds in
+every event recorded before it), and the per-transaction cost is one append.
 
 Two views of the same counters:
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DURATION_BUCKETS",
     "FUNCTION_LIMIT",
+    "JOURNAL_LIMIT",
     "OTHER_FUNCTIONS",
     "POOL_WAIT_BUCKETS",
     "PRIMARY_REASONS",
@@ -73,6 +77,10 @@ _logger = logging.getLogger("sessionscope")
 _K = TypeVar("_K")
 
 _WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
+
+JOURNAL_LIMIT: Final = 32
+"""Events recorded but not yet added into the figures, at most: the event that
+reaches it adds them all (under the lock), which bounds the journal's memory."""
 
 FUNCTION_LIMIT: Final = 1000
 """Decorated functions that get figures of their own; calls of any further
@@ -152,7 +160,6 @@ class Stats:
         """Wall-clock time the monotonic totals started from."""
         self.reset_at = self.created
         """Wall-clock time of the last reset (the start of :meth:`snapshot`)."""
-        self.active_sessions = 0
         self.session_count = 0
         self.total_transactions = 0
         self.committed = 0
@@ -186,25 +193,33 @@ class Stats:
         self._base: dict[str, Any] | None = None
         self._held: dict[int, tuple[float, float, object, int]] = {}
         self.next_deadline = math.inf
-        """Earliest deadline of a watched session; read without the lock as a
-        cheap "is a long-held check due?" test (a stale value only causes one
-        extra check)."""
+        """When the next long-held check is due: the earliest deadline of the
+        sessions watched at the last check, or a shortest threshold after it,
+        whichever comes first (a session opened since then is due no earlier).
+        Read without the lock as a cheap "is a check due?" test."""
+        self._min_threshold = math.inf  # the shortest threshold watched so far
         self.listeners: tuple[TransactionListener, ...] = ()
+        # Events not yet added into the figures: None for a session opened, a
+        # transaction's end as
+        # (committed, failed, duration, slow, function), committed None for a
+        # decorated call that did not own its transaction; a checkout's wait as
+        # a float. Appended without the lock (deque.append is atomic), taken
+        # off only under it (_fold_locked).
+        self._journal: deque[
+            float | tuple[bool | None, bool, float, bool, str | None] | None
+        ] = deque()
 
     # -- events ------------------------------------------------------------------
 
-    # The per-transaction events below take the lock with acquire()/release()
-    # rather than a with statement: in CPython the with statement costs about
-    # twice as much (1,000 instructions more), on every transaction.
+    @property
+    def active_sessions(self) -> int:
+        """Sessions open right now (opened and not yet ended)."""
+        with self._lock:
+            self._fold_locked()
+            return self.session_count - self.total_transactions
 
     def session_opened(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.session_count += 1
-            self.active_sessions += 1
-        finally:
-            lock.release()
+        self._journal.append(None)
 
     def session_opened_watched(
         self, key: int, started: float, threshold: float, where: object, offset: int = -1
@@ -214,19 +229,22 @@ class Stats:
         not the scope itself: the statistics must never keep a session that its
         owner dropped alive); ``(where, offset)`` is returned by :meth:`overdue`
         (opaque here)."""
-        deadline = started + threshold
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.session_count += 1
-            self.active_sessions += 1
-            # A tuple of what was given, not an object: this runs for every
-            # session by default, and each extra object is memory per session.
-            self._held[key] = (started, threshold, where, offset)
+        # A tuple of what was given, not an object: this runs for every session
+        # by default, and each extra object is memory per session.
+        self._held[key] = (started, threshold, where, offset)
+        self._journal.append(None)
+        if threshold < self._min_threshold:
+            self._lower_threshold(started + threshold, threshold)
+
+    def _lower_threshold(self, deadline: float, threshold: float) -> None:
+        # The first session watched with a threshold this short. Any other
+        # session's deadline is at least a known threshold after the last
+        # check (see overdue()), so only this case moves next_deadline here.
+        with self._lock:
+            if threshold < self._min_threshold:
+                self._min_threshold = threshold
             if deadline < self.next_deadline:
                 self.next_deadline = deadline
-        finally:
-            lock.release()
 
     def transaction_ended(
         self,
@@ -248,44 +266,115 @@ class Stats:
         figures should say so.
         """
         slow = duration - pool_wait > slow_threshold
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.active_sessions -= 1
-            if self._held:
-                self._held.pop(key, None)
-            self.total_transactions += 1
-            if committed:
-                self.committed += 1
-            else:
-                self.rolled_back += 1
-            if failed:
-                self.failed += 1
-            self.dur_sum += duration
-            if duration > self.dur_max:
-                self.dur_max = duration
-            self.durations.append(duration)
-            self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
-            if slow:
-                self.slow += 1
-            if function is not None:
-                function = self._function_locked(function, duration, failed)
-        finally:
-            lock.release()
+        if self._held:
+            self._held.pop(key, None)  # atomic: overdue() takes entries the same way
+        journal = self._journal
+        journal.append((committed, failed, duration, slow, function))
         if self.listeners:
-            self._notify(duration, committed, failed, function)
+            self._notify(duration, committed, failed, self._recorded_as(function))
+        elif len(journal) >= JOURNAL_LIMIT:
+            self._fold()
         return slow
 
     def function_ended(self, function: str, duration: float, failed: bool) -> None:
         """Record a decorated call that joined an enclosing transaction or made a
         savepoint (calls owning their transaction go through
         :meth:`transaction_ended`)."""
+        journal = self._journal
+        journal.append((None, failed, duration, False, function))
+        if len(journal) >= JOURNAL_LIMIT:
+            self._fold()
+
+    def pool_waited(self, seconds: float) -> None:
+        """Record one checkout of a pooled connection that took ``seconds``."""
+        journal = self._journal
+        journal.append(seconds)
+        if len(journal) >= JOURNAL_LIMIT:
+            self._fold()
+
+    def _recorded_as(self, function: str | None) -> str | None:
+        """The name ``function``'s latest call is recorded under (see
+        :meth:`_function_locked`): folds the journal first, so the answer is
+        the table's, for exporters that keep a series per name."""
         lock = self._lock
         lock.acquire()
         try:
-            self._function_locked(function, duration, failed)
+            self._fold_locked()
         finally:
             lock.release()
+        if function is None or function in self.functions:
+            return function
+        return OTHER_FUNCTIONS
+
+    def _fold(self) -> None:
+        # acquire()/release() rather than a with statement, here and in the
+        # other frequent events: in CPython the with statement costs about
+        # twice as much.
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._fold_locked()
+        finally:
+            lock.release()
+
+    def _fold_locked(self) -> None:
+        """Add the journal's events into the figures, in the order they were
+        recorded (which names get a row of their own depends on it)."""
+        journal = self._journal
+        count = len(journal)  # only this method takes events off, under the lock
+        if not count:
+            return
+        take = journal.popleft
+        opened = ended = committed = failed = slow = 0
+        dur_sum = 0.0
+        dur_max = self.dur_max
+        durations = self.durations.append
+        buckets = self.buckets
+        acquisitions = 0
+        wait_sum = 0.0
+        wait_max = self.pool_wait_max
+        waits = self.pool_waits.append
+        wait_buckets = self.pool_wait_buckets
+        for _ in range(count):
+            event = take()
+            if event is None:
+                opened += 1
+                continue
+            if isinstance(event, float):
+                acquisitions += 1
+                wait_sum += event
+                if event > wait_max:
+                    wait_max = event
+                waits(event)
+                wait_buckets[bisect_left(POOL_WAIT_BUCKETS, event)] += 1
+                continue
+            done, bad, duration, was_slow, function = event
+            if done is not None:
+                ended += 1
+                if done:
+                    committed += 1
+                if bad:
+                    failed += 1
+                dur_sum += duration
+                if duration > dur_max:
+                    dur_max = duration
+                durations(duration)
+                buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+                if was_slow:
+                    slow += 1
+            if function is not None:
+                self._function_locked(function, duration, bad)
+        self.session_count += opened
+        self.total_transactions += ended
+        self.committed += committed
+        self.rolled_back += ended - committed
+        self.failed += failed
+        self.slow += slow
+        self.dur_sum += dur_sum
+        self.dur_max = dur_max
+        self.pool_acquisitions += acquisitions
+        self.pool_wait_sum += wait_sum
+        self.pool_wait_max = wait_max
 
     def _function_locked(self, function: str, duration: float, failed: bool) -> str:
         """Add one call to ``function``'s figures; return the name it was
@@ -305,20 +394,6 @@ class Stats:
         if failed:
             fs.failures += 1
         return function
-
-    def pool_waited(self, seconds: float) -> None:
-        """Record one checkout of a pooled connection that took ``seconds``."""
-        lock = self._lock
-        lock.acquire()
-        try:
-            self.pool_acquisitions += 1
-            self.pool_wait_sum += seconds
-            if seconds > self.pool_wait_max:
-                self.pool_wait_max = seconds
-            self.pool_waits.append(seconds)
-            self.pool_wait_buckets[bisect_left(POOL_WAIT_BUCKETS, seconds)] += 1
-        finally:
-            lock.release()
 
     def warn_slow(
         self,
@@ -417,11 +492,13 @@ class Stats:
             for key, (started, threshold, where, offset) in list(self._held.items()):
                 deadline = started + threshold
                 if deadline <= now:
-                    del self._held[key]
-                    found.append((now - started, threshold, (where, offset)))
+                    # pop, not del: the session may have ended since the copy
+                    # (transaction_ended() takes its entry without the lock).
+                    if self._held.pop(key, None) is not None:
+                        found.append((now - started, threshold, (where, offset)))
                 elif deadline < earliest:
                     earliest = deadline
-            self.next_deadline = earliest
+            self.next_deadline = min(earliest, now + self._min_threshold)
             self.long_held += len(found)
             return found
 
@@ -452,6 +529,7 @@ class Stats:
         """Start :meth:`snapshot` from zero again; keeps the live
         ``active_sessions`` gauge, the long-held watch and :meth:`totals`."""
         with self._lock:
+            self._fold_locked()
             self._base = self._totals_locked()
             self.reset_at = time.time()
             self.dur_max = 0.0
@@ -469,8 +547,9 @@ class Stats:
         ``(calls, failures, duration_sum)``), ``routing`` (a
         :class:`RoutingCounts`), plus ``active_sessions``."""
         with self._lock:
+            self._fold_locked()
             totals = self._totals_locked()
-            totals["active_sessions"] = self.active_sessions
+            totals["active_sessions"] = self.session_count - self.total_transactions
             return totals
 
     def _totals_locked(self) -> dict[str, Any]:
@@ -515,12 +594,13 @@ class Stats:
         since the reset.
         """
         with self._lock:
+            self._fold_locked()
             now = self._totals_locked()
             durations = sorted(self.durations)
             waits = sorted(self.pool_waits)
             wait_max = self.pool_wait_max
             maxima = {name: fs.max for name, fs in self.functions.items()}
-            active = self.active_sessions
+            active = self.session_count - self.total_transactions
             dur_max = self.dur_max
             base = self._base
         if base is not None:
