@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sessionscope import SessionManager
-from sessionscope._stats import FUNCTION_LIMIT, OTHER_FUNCTIONS, Stats
+from sessionscope._stats import FUNCTION_LIMIT, JOURNAL_LIMIT, OTHER_FUNCTIONS, Stats
 
 
 def _end(stats: Stats, function: str, *, failed: bool = False) -> None:
@@ -69,3 +69,35 @@ def test_decorated_functions_past_the_limit_land_in_other(tmp_path: Path) -> Non
         assert stats["functions"][OTHER_FUNCTIONS]["calls"] == 20
     finally:
         manager.dispose()
+
+
+def test_the_journal_never_holds_more_than_its_limit() -> None:
+    """Events wait in the journal until a read or the event that fills it: the
+    figures are exact at every read, and the journal's memory is bounded."""
+    stats = Stats()
+    for _ in range(10 * JOURNAL_LIMIT + 3):
+        stats.session_opened()
+        assert stats.active_sessions == 1  # a read folds what is pending
+        stats.transaction_ended(
+            committed=True, failed=False, duration=0.001, slow_threshold=1.0, function=None
+        )
+        stats.pool_waited(0.0001)
+        assert len(stats._journal) < JOURNAL_LIMIT
+    for _ in range(5 * JOURNAL_LIMIT):
+        stats.session_opened()
+        stats.pool_waited(0.0001)
+        stats.transaction_ended(
+            committed=False, failed=True, duration=0.002, slow_threshold=1.0, function="m.f"
+        )
+        stats.function_ended("m.g", 0.001, failed=False)
+        assert len(stats._journal) <= JOURNAL_LIMIT
+    snapshot = stats.snapshot()
+    assert not stats._journal
+    total = 15 * JOURNAL_LIMIT + 3
+    assert (snapshot["session_count"], snapshot["total_transactions"]) == (total, total)
+    assert snapshot["active_sessions"] == 0
+    failed = 5 * JOURNAL_LIMIT
+    assert snapshot["failed_transactions"] == snapshot["rolled_back_transactions"] == failed
+    assert snapshot["pool_acquisitions"] == total
+    assert snapshot["functions"]["m.f"]["calls"] == snapshot["functions"]["m.g"]["calls"]
+    assert snapshot["max_duration"] == 0.002

@@ -340,7 +340,7 @@ class Stats:
             if event is None:
                 opened += 1
                 continue
-            if isinstance(event, float):
+            if isinstance(event, float):  # a checkout's wait
                 acquisitions += 1
                 wait_sum += event
                 if event > wait_max:

@@ -30,7 +30,6 @@ from ._policy import Action
 
 if TYPE_CHECKING:
     from contextvars import Token
-    from types import FrameType
 
     from ._config import SessionConfig
 
@@ -72,14 +71,18 @@ class SyncScope:
                 "share (and then close) its session. Create one scope object per with "
                 "block: with session_scope() as session: ..."
             )
-        frame = _enter(
-            self._manager,
+        frame = _core.open_frame(
             self._cfg,
+            False,
+            self._manager,
             self._function,
             None if self._function is not None else sys._getframe(1),
             self._explicit,
         )
+        if frame.action is _SAVEPOINT:
+            _core.begin_savepoint(frame.session, frame)
         self._frame = frame
+        _core.push(frame)
         return frame.session
 
     def __exit__(
@@ -92,20 +95,6 @@ class SyncScope:
         if frame is None:
             raise RuntimeError("session scope exited without being entered")
         _leave(self._manager, frame, exc)
-
-
-def _enter(
-    manager: _core.ScopeHost | None,
-    cfg: SessionConfig,
-    function: str | None,
-    caller: FrameType | None,
-    explicit: Session | None,
-) -> _core.Frame:
-    frame = _core.open_frame(cfg, False, manager, function, caller, explicit)
-    if frame.action is _SAVEPOINT:
-        _core.begin_savepoint(frame.session, frame)
-    _core.push(frame)
-    return frame
 
 
 def _leave(manager: _core.ScopeHost | None, frame: _core.Frame, exc: BaseException | None) -> None:
@@ -138,7 +127,10 @@ def _call_in_scope(
     """One call of a decorated function in its own scope: what ``with
     SyncScope(...) as session: return func(...)`` does, without the scope
     object and the ``with`` protocol (this runs for every decorated call)."""
-    frame = _enter(manager, cfg, function, None, explicit)
+    frame = _core.open_frame(cfg, False, manager, function, None, explicit)
+    if frame.action is _SAVEPOINT:
+        _core.begin_savepoint(frame.session, frame)
+    _core.push(frame)
     try:
         call_args, call_kwargs = injection.call_args(args, kwargs, frame.session)
         result = func(*call_args, **call_kwargs)
