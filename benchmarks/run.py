@@ -485,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             meta["callgrind"] = "valgrind not installed: no instruction counts"
         else:
             # A multiple of the statistics journal's length, so each measured span
-            # folds it the same number of times; and long enough that one garbage
-            # collection more or less in a span moves a figure by little (at N=64,
-            # by up to 1.4% of an insert, at 256 by well under 0.1%).
+            # folds it the same number of times; and long: the same code measured
+            # up to 1.4% of an insert apart between memory layouts at N=64, at most
+            # 0.7% at 256 (garbage-collection passes fall differently in a span).
             n = args.callgrind_n or (2 if args.smoke else 8 * JOURNAL_LIMIT)
             warmup = 1 if args.smoke else 20
             layouts = args.callgrind_layouts or (1 if args.smoke else 2)
