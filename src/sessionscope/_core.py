@@ -287,7 +287,6 @@ class Frame:
         "function",
         "generator",
         "inner",
-        "is_async",
         "key",
         "manager",
         "owner",
@@ -324,7 +323,6 @@ class Frame:
         self.below: Frame | None = None
         self.cfg = cfg
         self.key = key
-        self.is_async = front is not session and front is not None
         self.stats = stats
         self.function = function
         if action is _NEW:
@@ -362,6 +360,13 @@ class Frame:
         self.started = 0.0
         # Monitored NEW frames: the thread's or task's pool wait when it began.
         self.waited = 0.0
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the scope is an async one (its ``front`` is an ``AsyncSession``).
+        Worked out rather than kept: every slot is memory per scope."""
+        front = self.front
+        return front is not None and front is not self.session
 
     def forbid(self, veto: Veto, cause: BaseException | None) -> None:
         """Keep this owning frame from committing; a stronger reason replaces a
