@@ -489,7 +489,7 @@ class Stats:
         with self._lock:
             found: list[tuple[float, float, tuple[object, int]]] = []
             earliest = math.inf
-            for key, (started, threshold, where, offset) in list(self._held.items()):
+            for key, (started, threshold, where, offset) in self._held.copy().items():
                 deadline = started + threshold
                 if deadline <= now:
                     # pop, not del: the session may have ended since the copy
