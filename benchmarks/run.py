@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             # A multiple of the statistics journal's length, so each measured span
             # folds it the same number of times; and long: the same code measured
             # up to 1.4% of an insert apart between memory layouts at N=64, at most
-            # 0.7% at 256 (garbage-collection passes fall differently in a span).
+            # 0.7% at 256.
             n = args.callgrind_n or (2 if args.smoke else 8 * JOURNAL_LIMIT)
             warmup = 1 if args.smoke else 20
             layouts = args.callgrind_layouts or (1 if args.smoke else 2)

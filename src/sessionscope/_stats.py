@@ -1,7 +1,7 @@
 """Statistics: counters, durations, long-held sessions, snapshots (pure, no I/O).
 
-One :class:`Stats` per manager. The events of every transaction (its end, a
-pooled connection's checkout) are appended to a journal without a lock, and
+One :class:`Stats` per manager. The events of every transaction (its session's
+opening, its end, a pooled connection's checkout) are appended to a journal without a lock, and
 added into the figures in batches: by whoever reads them, and by the event that
 fills the journal to :data:`JOURNAL_LIMIT`. Every other event takes the one lock
 for a few attribute updates. Counts are exact under threads (a read folds in
@@ -199,11 +199,10 @@ class Stats:
         Read without the lock as a cheap "is a check due?" test."""
         self._min_threshold = math.inf  # the shortest threshold watched so far
         self.listeners: tuple[TransactionListener, ...] = ()
-        # Events not yet added into the figures: None for a session opened, a
-        # transaction's end as
-        # (committed, failed, duration, slow, function), committed None for a
-        # decorated call that did not own its transaction; a checkout's wait as
-        # a float. Appended without the lock (deque.append is atomic), taken
+        # Events not yet added into the figures: None for a session opened; a
+        # transaction's end as (committed, failed, duration, slow, function),
+        # committed None for a decorated call that did not own its transaction;
+        # a checkout's wait as a float. Appended without the lock (deque.append is atomic), taken
         # off only under it (_fold_locked).
         self._journal: deque[
             float | tuple[bool | None, bool, float, bool, str | None] | None
@@ -296,12 +295,7 @@ class Stats:
         """The name ``function``'s latest call is recorded under (see
         :meth:`_function_locked`): folds the journal first, so the answer is
         the table's, for exporters that keep a series per name."""
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._fold_locked()
-        finally:
-            lock.release()
+        self._fold()
         if function is None or function in self.functions:
             return function
         return OTHER_FUNCTIONS
@@ -376,10 +370,10 @@ class Stats:
         self.pool_wait_sum += wait_sum
         self.pool_wait_max = wait_max
 
-    def _function_locked(self, function: str, duration: float, failed: bool) -> str:
-        """Add one call to ``function``'s figures; return the name it was
-        recorded under (``function``, or :data:`OTHER_FUNCTIONS` once the table
-        holds :data:`FUNCTION_LIMIT` other names)."""
+    def _function_locked(self, function: str, duration: float, failed: bool) -> None:
+        """Add one call to ``function``'s figures, under its own name or, once
+        the table holds :data:`FUNCTION_LIMIT` other names, under
+        :data:`OTHER_FUNCTIONS`."""
         fs = self.functions.get(function)
         if fs is None:
             if len(self.functions) - (OTHER_FUNCTIONS in self.functions) >= FUNCTION_LIMIT:
@@ -393,7 +387,6 @@ class Stats:
             fs.max = duration
         if failed:
             fs.failures += 1
-        return function
 
     def warn_slow(
         self,
