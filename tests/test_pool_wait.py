@@ -224,3 +224,50 @@ def test_scope_slow_on_its_own_is_still_slow(
     with mgr.session_scope(slow_threshold=0.0) as s:
         s.execute(select(User))
     assert mgr.get_stats()["slow_transactions"] == 1
+
+
+def test_scope_ending_in_another_thread_is_not_slow_by_a_wait_it_never_had(
+    mgr: SessionManager,
+) -> None:
+    """A generator's scope opened in a thread that had queued for the pool and
+    ended in a fresh thread: the two threads' pool-wait totals are not one
+    running figure, so their difference is no wait of this scope, and a
+    transaction of milliseconds is not counted as slow."""
+    holding = threading.Event()
+
+    def hog() -> None:
+        with mgr.session_scope() as s:
+            s.execute(select(User))
+            holding.set()
+            time.sleep(0.6)
+
+    def rows() -> Iterator[int]:
+        with mgr.session_scope(slow_threshold=0.3) as s:
+            s.execute(select(User))
+            yield 1
+            s.execute(select(User))
+            yield 2
+
+    gen = rows()
+
+    def opener() -> None:
+        with mgr.session_scope() as s:  # queues about 0.6 s for the pool of one
+            s.execute(select(User))
+        next(gen)  # the generator's scope opens here
+
+    hogger = threading.Thread(target=hog)
+    hogger.start()
+    holding.wait(10)
+    first = threading.Thread(target=opener)
+    first.start()
+    first.join(30)
+    hogger.join(30)
+    assert mgr.get_stats()["max_pool_wait"] > 0.3  # the opener really queued
+    before = mgr.get_stats()["slow_transactions"]
+    started = time.perf_counter()
+    closer = threading.Thread(target=lambda: list(gen))
+    closer.start()
+    closer.join(30)
+    assert time.perf_counter() - started < 0.3  # the scope's own work is quick
+    assert mgr.get_stats()["slow_transactions"] == before
+    assert mgr.get_stats()["active_sessions"] == 0

@@ -1281,8 +1281,13 @@ def _close(
         cfg = frame.cfg
         if stats is not None:
             # The wait for a pooled connection is the pool's story, not the
-            # transaction's: it is left out of the slow threshold.
+            # transaction's: it is left out of the slow threshold. A scope that
+            # ends in another thread or task than it began in (a generator's)
+            # reads two different totals: a difference no wait of this scope
+            # can be (below zero, above its duration) counts as none.
             wait = waited() - frame.waited
+            if not 0.0 <= wait <= duration:
+                wait = 0.0
             slow = stats.transaction_ended(
                 committed, failed, duration, cfg.slow_threshold, frame.function, id(frame), wait
             )

@@ -15,7 +15,9 @@ Each checkout adds its wait to a running total kept in a context variable
 difference is the time it queued for connections, however many it checked out.
 Like any context variable, the total is per thread and per asyncio task (a task
 starts from a copy of its creator's total, so its own checkouts are not its
-creator's).
+creator's). A scope that ends in another thread or task than it began in (a
+generator resumed elsewhere) reads two different totals; a difference that
+cannot be its wait (below zero, or longer than the scope) is taken as none.
 """
 
 from __future__ import annotations
