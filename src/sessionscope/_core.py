@@ -883,6 +883,8 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
         if frame.function is not None and frame.stats is not None:
             _record_call(frame, True)
         raise
+    finally:
+        frame.owner = None  # it owned itself: see _close
     if frame.function is not None and frame.stats is not None:
         _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
     return _NOTHING
@@ -1272,7 +1274,9 @@ def _close(
         raise
     finally:
         session.__dict__.pop(_SESSION_FRAME, None)
-        frame.inner = None
+        # A NEW frame owns itself: without this, the frame, its session and all
+        # it holds would wait for the cyclic garbage collector.
+        frame.inner = frame.owner = frame.root = None
         if frame.trace:
             _end_trace(frame, committed=committed, failed=failed, error=error)
         now = time.perf_counter()
