@@ -13,6 +13,7 @@ import contextlib
 import gc
 import weakref
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -61,14 +62,16 @@ def test_decorated_call_session_is_freed_when_the_call_returns(env: Env) -> None
 
 
 @pytest.mark.parametrize("propagation", ["required", "nested", "requires_new"])
-def test_inner_scopes_leave_nothing_to_the_collector(env: Env, propagation: str) -> None:
+def test_inner_scopes_leave_nothing_to_the_collector(
+    env: Env, propagation: Literal["required", "nested", "requires_new"]
+) -> None:
     manager = env.manager
     refs: list[weakref.ref[Session]] = []
     with _collector_off():
         with manager.session_scope() as session:
             session.add(User(name="outer"))
             refs.append(weakref.ref(session))
-            with manager.session_scope(propagation=propagation) as inner:  # type: ignore[call-overload]
+            with manager.session_scope(propagation=propagation) as inner:
                 inner.add(User(name="inner"))
                 refs.append(weakref.ref(inner))
             del inner

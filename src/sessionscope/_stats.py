@@ -1,11 +1,12 @@
 """Statistics: counters, durations, long-held sessions, snapshots (pure, no I/O).
 
 One :class:`Stats` per manager. The events of every transaction (its session's
-opening, its end, a pooled connection's checkout) are appended to a journal without a lock, and
-added into the figures in batches: by whoever reads them, and by the event that
-fills the journal to :data:`JOURNAL_LIMIT`. Every other event takes the one lock
-for a few attribute updates. Counts are exact under threads (a read folds in
-every event recorded before it), and the per-transaction cost is one append.
+opening, its end, a pooled connection's checkout) are appended to a journal
+without a lock, and added into the figures in batches: by whoever reads them,
+and by the event that fills the journal to :data:`JOURNAL_LIMIT`. Every other
+event takes the one lock for a few attribute updates. Counts are exact under
+threads (a read folds in every event recorded before it), and the
+per-transaction cost is one append.
 
 Two views of the same counters:
 
@@ -202,8 +203,8 @@ class Stats:
         # Events not yet added into the figures: None for a session opened; a
         # transaction's end as (committed, failed, duration, slow, function),
         # committed None for a decorated call that did not own its transaction;
-        # a checkout's wait as a float. Appended without the lock (deque.append is atomic), taken
-        # off only under it (_fold_locked).
+        # a checkout's wait as a float. Appended without the lock (deque.append
+        # is atomic), taken off only under it (_fold_locked).
         self._journal: deque[
             float | tuple[bool | None, bool, float, bool, str | None] | None
         ] = deque()
