@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import FrameType
 
 import httpx
 import pytest
@@ -836,15 +837,18 @@ def test_with_statement_entry_is_told_from_a_call() -> None:
 
     seen: list[bool] = []
 
+    def entered_by_statement(caller: FrameType) -> bool:
+        return _with_statement(caller.f_code, caller.f_lasti)
+
     class Probe:
         def __enter__(self) -> None:
-            seen.append(_with_statement(sys._getframe(1)))
+            seen.append(entered_by_statement(sys._getframe(1)))
 
         def __exit__(self, *exc: object) -> None:
             pass
 
         async def __aenter__(self) -> None:
-            seen.append(_with_statement(sys._getframe(1)))
+            seen.append(entered_by_statement(sys._getframe(1)))
 
         async def __aexit__(self, *exc: object) -> None:
             pass

@@ -917,3 +917,79 @@ def test_body_commit_through_the_connection_is_never_retried(
         if lock is not None:
             lock.close()
         env.close()
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commit_through_the_connection_under_with_retry_is_never_retried(
+    backend: str, tmp_path: Path
+) -> None:
+    """The same rule for a plain ``session_scope()`` that ``with_retry`` re-runs:
+    the scope is opened under a retry boundary, so its session must follow a
+    COMMIT sent through its connection as a decorated call's does."""
+    env, lock = _transient_env(backend, tmp_path)
+    manager = env.manager
+    calls: list[int] = []
+
+    def work() -> None:
+        calls.append(1)
+        if lock is not None:
+            lock.release()
+        with manager.session_scope() as session:
+            session.add(User(name=f"paid{len(calls)}"))
+            session.flush()
+            session.connection().commit()
+            if len(calls) == 1:
+                _break_next_write(env, session, lock)
+            session.add(User(name=f"receipt{len(calls)}"))
+            session.flush()
+
+    try:
+        with contextlib.suppress(Exception):
+            manager.with_retry(work, retry_delay=0.01)
+        if lock is not None:
+            lock.release()
+        assert calls == [1], "re-run after the body's COMMIT through the connection"
+        assert env.rows() == ["paid1"]
+        env.assert_clean()
+    finally:
+        if lock is not None:
+            lock.close()
+        env.close()
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_async_commit_through_the_connection_is_never_retried(
+    backend: str, tmp_path: Path
+) -> None:
+    """The rule for an async decorated call: ``(await session.connection()).commit()``."""
+    env, lock = _transient_env(backend, tmp_path)
+    manager = env.manager
+    calls: list[int] = []
+
+    @manager.async_with_session(retry_delay=0.01)
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        if lock is not None:
+            lock.release()
+        session.add(User(name=f"paid{len(calls)}"))
+        await session.flush()
+        await (await session.connection()).commit()
+        if len(calls) == 1:
+            await session.run_sync(lambda s: _break_next_write(env, s, lock))
+        session.add(User(name=f"receipt{len(calls)}"))
+        await session.flush()
+
+    try:
+        with contextlib.suppress(Exception):
+            await work()
+        if lock is not None:
+            lock.release()
+        assert calls == [1], "re-run after the body's COMMIT through the connection"
+        assert env.rows() == ["paid1"]
+        env.assert_clean()
+    finally:
+        if lock is not None:
+            lock.close()
+        await env.aclose()

@@ -71,9 +71,20 @@ def test_decorated_functions_past_the_limit_land_in_other(tmp_path: Path) -> Non
         manager.dispose()
 
 
+def _journals(stats: Stats) -> list[int]:
+    """How many events wait in each of the statistics' journals."""
+    return [
+        len(stats._opened),
+        len(stats._committed),
+        len(stats._committed_in),
+        len(stats._journal),
+        len(stats._waits),
+    ]
+
+
 def test_the_journal_never_holds_more_than_its_limit() -> None:
-    """Events wait in the journal until a read or the event that fills it: the
-    figures are exact at every read, and the journal's memory is bounded."""
+    """Events wait in the journals until a read or the event that fills one:
+    the figures are exact at every read, and the journals' memory is bounded."""
     stats = Stats()
     for _ in range(10 * JOURNAL_LIMIT + 3):
         stats.session_opened()
@@ -82,22 +93,29 @@ def test_the_journal_never_holds_more_than_its_limit() -> None:
             committed=True, failed=False, duration=0.001, slow_threshold=1.0, function=None
         )
         stats.pool_waited(0.0001)
-        assert len(stats._journal) < JOURNAL_LIMIT
-    for _ in range(5 * JOURNAL_LIMIT):
+        assert max(_journals(stats)) < JOURNAL_LIMIT
+    for i in range(5 * JOURNAL_LIMIT):
         stats.session_opened()
         stats.pool_waited(0.0001)
         stats.transaction_ended(
             committed=False, failed=True, duration=0.002, slow_threshold=1.0, function="m.f"
         )
         stats.function_ended("m.g", 0.001, failed=False)
-        assert len(stats._journal) <= JOURNAL_LIMIT
+        stats.session_opened()
+        stats.transaction_ended(
+            committed=True, failed=False, duration=0.001, slow_threshold=1.0, function=f"m.h{i % 3}"
+        )
+        # Every journal is folded whenever one fills: none outgrows the limit.
+        assert max(_journals(stats)) <= JOURNAL_LIMIT
     snapshot = stats.snapshot()
-    assert not stats._journal
-    total = 15 * JOURNAL_LIMIT + 3
+    assert _journals(stats) == [0, 0, 0, 0, 0]
+    total = 20 * JOURNAL_LIMIT + 3
     assert (snapshot["session_count"], snapshot["total_transactions"]) == (total, total)
     assert snapshot["active_sessions"] == 0
     failed = 5 * JOURNAL_LIMIT
     assert snapshot["failed_transactions"] == snapshot["rolled_back_transactions"] == failed
-    assert snapshot["pool_acquisitions"] == total
+    assert snapshot["committed_transactions"] == total - failed
+    assert snapshot["pool_acquisitions"] == 15 * JOURNAL_LIMIT + 3
     assert snapshot["functions"]["m.f"]["calls"] == snapshot["functions"]["m.g"]["calls"]
+    assert sum(snapshot["functions"][f"m.h{i}"]["calls"] for i in range(3)) == failed
     assert snapshot["max_duration"] == 0.002

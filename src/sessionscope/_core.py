@@ -46,7 +46,7 @@ from asyncio.events import _get_running_loop
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from threading import get_ident
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import event
@@ -90,6 +90,7 @@ __all__ = [
     "entered_in_generator",
     "exit_frame",
     "find_outer",
+    "install_retry_events",
     "install_session_events",
     "logger",
     "next_retry",
@@ -127,12 +128,15 @@ class ScopeHost(Protocol):
     config: SessionConfig
     """The manager's configuration: what a scope without overrides uses."""
 
-    def open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
-        """A new ``Session`` for a scope with ``cfg`` (twice: core and front)."""
+    def open_sync(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, Session]:
+        """A new ``Session`` for a scope with ``cfg`` (twice: core and front);
+        ``retrying``: the scope is under a retry boundary, so its session's
+        class has :func:`install_retry_events`' listeners."""
         ...
 
-    def open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
-        """A new ``AsyncSession`` for a scope with ``cfg``, and its sync session."""
+    def open_async(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, AsyncSession]:
+        """A new ``AsyncSession`` for a scope with ``cfg``, and its sync session
+        (``retrying`` as for :meth:`open_sync`)."""
         ...
 
     def resolve(
@@ -433,7 +437,7 @@ def _wait_for_caller(task: object) -> object:
     return None
 
 
-def entered_in_generator(caller: FrameType) -> FrameType | None:
+def entered_in_generator(caller: FrameType, code: CodeType, at: int) -> FrameType | None:
     """The generator frame a ``with`` scope is being entered in, when the scope
     must be seen only inside that generator: the innermost generator on the
     stack that is iterated (not one that ``contextlib`` drives as a context
@@ -446,8 +450,10 @@ def entered_in_generator(caller: FrameType) -> FrameType | None:
     A caller that is no generator and enters the scope with a ``with`` or
     ``async with`` statement of its own ends it before it returns, so no
     generator above it can yield while the scope is open: None, without a
-    walk (the usual case, and the walk's cost grows with the stack's depth)."""
-    if not caller.f_code.co_flags & _GENERATOR_FLAGS and _with_statement(caller):
+    walk (the usual case, and the walk's cost grows with the stack's depth).
+    ``code`` and ``at`` are the caller's ``f_code`` and ``f_lasti``, read once by
+    the caller of this (a frame's attributes are not cheap to read)."""
+    if not code.co_flags & _GENERATOR_FLAGS and _with_statement(code, at):
         return None
     frame: FrameType | None = caller
     while frame is not None:
@@ -469,19 +475,19 @@ def entered_in_generator(caller: FrameType) -> FrameType | None:
     return None
 
 
-def _with_statement(frame: FrameType) -> bool:
-    """Whether ``frame``, the caller of a scope's ``__enter__`` or
-    ``__aenter__``, is executing a ``with`` / ``async with`` statement rather
-    than calling the method itself (``ExitStack``, a wrapper's ``__enter__``)."""
-    code = frame.f_code.co_code
-    at = frame.f_lasti
-    if code[at] == _WITH_ENTRY:
+def _with_statement(code: CodeType, at: int) -> bool:
+    """Whether the caller of a scope's ``__enter__`` or ``__aenter__``, running
+    ``code`` at instruction offset ``at``, is executing a ``with`` / ``async
+    with`` statement rather than calling the method itself (``ExitStack``, a
+    wrapper's ``__enter__``)."""
+    ops = code.co_code
+    if ops[at] == _WITH_ENTRY:
         return True
     # Awaiting __aenter__(): at SEND (YIELD_FROM before 3.11), or at SEND's
     # inline cache entry (3.12); the statement began three instructions before.
-    if at >= 2 and code[at - 2] == _SEND:
+    if at >= 2 and ops[at - 2] == _SEND:
         at -= 2
-    return at >= 6 and code[at - 6] == _ASYNC_WITH_ENTRY
+    return at >= 6 and ops[at - 6] == _ASYNC_WITH_ENTRY
 
 
 def _delegates(generator: FrameType) -> bool:
@@ -657,7 +663,11 @@ def open_frame(
         outer = None  # nothing is open in this context: the common case, no lookup
     else:
         outer = current_frame(key, is_async, host)
-    generator = entered_in_generator(caller) if caller is not None else None
+    if caller is not None:
+        code, at = caller.f_code, caller.f_lasti
+        generator = entered_in_generator(caller, code, at)
+    else:
+        code, at, generator = None, -1, None
     action = (
         decide(cfg.propagation, True, cfg.durable)
         if outer is not None
@@ -668,7 +678,13 @@ def open_frame(
             _check_child_task(cfg, key, function)
         if host is None:
             raise SessionFactoryNotInitializedError("a scope that opens its own session")
-        session, front = host.open_async(cfg) if is_async else host.open_sync(cfg)
+        # Whoever retries around this scope, in this task or (for child tasks and
+        # threads that inherited the context) in the one that started it.
+        boundary = retry_boundary.get()
+        retrying = boundary is not None
+        session, front = (
+            host.open_async(cfg, retrying) if is_async else host.open_sync(cfg, retrying)
+        )
         stats = host.stats if cfg.enable_monitoring else None
         frame = Frame(action, session, front, outer, cfg, key, stats, function, host)
         if _GENERATOR_SCOPES:
@@ -676,9 +692,7 @@ def open_frame(
         if generator is not None:
             _private_to(frame, generator)
         session.__dict__[_SESSION_FRAME] = frame
-        # Whoever retries around this scope, in this task or (for child tasks and
-        # threads that inherited the context) in the one that started it.
-        boundary = frame.boundary = retry_boundary.get()
+        frame.boundary = boundary
         if boundary is not None and boundary.key != key:
             boundary.open_elsewhere += 1
         frame.started = started = time.perf_counter()
@@ -687,7 +701,7 @@ def open_frame(
             if cfg.long_session_warning is None:
                 stats.session_opened()
             else:
-                place, offset = _watch.where(function, caller)
+                place, offset = _watch.where(function, caller, code, at)
                 stats.session_opened_watched(
                     id(frame), started, cfg.long_session_warning, place, offset
                 )
@@ -1414,6 +1428,14 @@ def install_session_events(session_class: type[Session]) -> None:
     event.listen(session_class, "before_commit", _before_commit)
     event.listen(session_class, "after_commit", _after_commit)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
+
+
+def install_retry_events(session_class: type[Session]) -> None:
+    """Also follow COMMITs the body sends through ``session.connection()``, which
+    the session does not see, on sessions of ``session_class``: the subclass
+    that scopes opened under a retry boundary use (:meth:`ScopeHost.open_sync`),
+    where such a COMMIT must keep the unit from being re-run. Other sessions
+    never pay for these two events (each costs about 0.5% of a transaction)."""
     event.listen(session_class, "after_begin", _after_begin)
     event.listen(session_class, "before_flush", _before_flush)
 
@@ -1480,10 +1502,11 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
-    if transaction.parent is None:
-        root: Frame | None = session.__dict__.get(_SESSION_FRAME)
-        if root is not None and root.state is _ACTIVE:
-            root.connection_tx = connection.get_transaction()
+    root: Frame | None = session.__dict__.get(_SESSION_FRAME)
+    # The state first: during sessionscope's own COMMIT (the usual case of a
+    # first flush) that is all this costs; transaction.parent is a property.
+    if root is not None and root.state is _ACTIVE and transaction.parent is None:
+        root.connection_tx = connection.get_transaction()
 
 
 def _committed_behind_the_session(root: Frame) -> bool:
@@ -1513,11 +1536,11 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     # The end of the whole transaction, however the body ended it: COMMIT
     # (after_commit ran first), or ROLLBACK, close() or reset(), which all
     # discard it.
-    if transaction.parent is not None:
-        return  # a savepoint
     root: Frame | None = session.__dict__.get(_SESSION_FRAME)
-    if root is None or root.state is not _ACTIVE or session.info.get(INTERNAL_ROLLBACK):
-        return  # not a body's doing (INTERNAL_ROLLBACK: a routing fallback)
+    if root is None or root.state is not _ACTIVE:
+        return  # not a body's doing
+    if transaction.parent is not None or session.info.get(INTERNAL_ROLLBACK):
+        return  # a savepoint, or a routing fallback's rollback
     root.epoch += 1
     root.connection_tx = None
     if root.committed_now:

@@ -35,12 +35,15 @@ class Injection:
     """Where the ``session`` parameter of a decorated function sits, and how to
     tell an explicitly passed session from the caller's other arguments."""
 
-    __slots__ = ("index", "keyword_only", "session_types")
+    __slots__ = ("index", "keyword_only", "leading", "session_types")
 
     def __init__(self, index: int, keyword_only: bool, session_types: tuple[type, ...]) -> None:
         self.index = index
         self.keyword_only = keyword_only
         self.session_types = session_types
+        self.leading = index == 0 and not keyword_only
+        """The usual shape, ``def f(session, ...)``: a front may handle a call
+        of it without keywords itself (the session first, or nothing there)."""
 
     def explicit(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The session the caller passed (``session=`` or positionally), else None."""
@@ -64,7 +67,7 @@ class Injection:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments with ``session`` put in place of the hidden parameter."""
-        if self.index == 0 and not kwargs and not self.keyword_only:
+        if self.leading and not kwargs:
             # The usual shape, ``def f(session, ...)`` called positionally.
             if args and isinstance(args[0], self.session_types):
                 return (session, *args[1:]), kwargs

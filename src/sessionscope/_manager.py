@@ -196,6 +196,7 @@ class SessionManager(Generic[S_co, AS_co]):
             session_class,
             async_session_class,
             _core.install_session_events,
+            _core.install_retry_events,
             self._prepare_engine,
         )
         self._expire_default = self._config.expire_on_commit
@@ -306,37 +307,45 @@ class SessionManager(Generic[S_co, AS_co]):
         """Stop calling ``hook`` (see :meth:`add_engine_hook`)."""
         self._source.remove_engine_hook(hook)
 
-    def _open_sync(self, cfg: SessionConfig) -> tuple[Session, Session]:
+    def _open_sync(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, Session]:
         source = self._source
         if cfg is self._plain:
-            session = source.session_factory()
+            factory = source.session_factory
+            session = (source.retrying(factory) if retrying else factory)()
         elif self._cluster is not None and self._on_cluster(cfg, False):
-            session = self._open_on_node(cfg, False)
+            session = self._open_on_node(cfg, False, retrying)
         elif self._no_options(cfg):
-            session = source.session_factory()
+            factory = source.session_factory
+            session = (source.retrying(factory) if retrying else factory)()
         elif cfg.read_only and self._router is not None and not source.is_bound(False):
             target = self._router.target(cfg, False)
-            session = source.open_with_options(cfg, target.factory, target.engine, False)
+            session = source.open_with_options(
+                cfg, target.factory, target.engine, False, retrying
+            )
             target.attach(session)
         else:
-            session = source.open_with_options(cfg, source.session_factory, source.engine, False)
+            session = source.open_with_options(
+                cfg, source.session_factory, source.engine, False, retrying
+            )
         return session, session
 
-    def _open_async(self, cfg: SessionConfig) -> tuple[Session, AsyncSession]:
+    def _open_async(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, AsyncSession]:
         source = self._source
         if cfg is self._plain:
-            front = source.async_session_factory()
+            factory = source.async_session_factory
+            front = (source.retrying(factory) if retrying else factory)()
         elif self._cluster is not None and self._on_cluster(cfg, True):
-            front = self._open_on_node(cfg, True)
+            front = self._open_on_node(cfg, True, retrying)
         elif self._no_options(cfg):
-            front = source.async_session_factory()
+            factory = source.async_session_factory
+            front = (source.retrying(factory) if retrying else factory)()
         elif cfg.read_only and self._router is not None and not source.is_bound(True):
             target = self._router.target(cfg, True)
-            front = source.open_with_options(cfg, target.factory, target.engine, True)
+            front = source.open_with_options(cfg, target.factory, target.engine, True, retrying)
             target.attach(front)
         else:
             front = source.open_with_options(
-                cfg, source.async_session_factory, source.async_engine, True
+                cfg, source.async_session_factory, source.async_engine, True, retrying
             )
         return front.sync_session, front
 
@@ -346,7 +355,7 @@ class SessionManager(Generic[S_co, AS_co]):
             cfg.read_only and self._router is not None
         )
 
-    def _open_on_node(self, cfg: SessionConfig, is_async: bool) -> Any:
+    def _open_on_node(self, cfg: SessionConfig, is_async: bool, retrying: bool) -> Any:
         """A new session on the node the cluster picks (``primaries=``)."""
         assert self._cluster is not None
         engine = self._cluster.engine(self._cluster.pick(cfg.enable_monitoring), is_async)
@@ -355,7 +364,7 @@ class SessionManager(Generic[S_co, AS_co]):
             kw = self._source.factory_kw(is_async)
             maker: Any = async_sessionmaker if is_async else sessionmaker
             factory = self._node_factories[(engine, is_async)] = maker(engine, **kw)
-        return self._source.open_with_options(cfg, factory, engine, is_async)
+        return self._source.open_with_options(cfg, factory, engine, is_async, retrying)
 
     def _write_engine(self, is_async: bool) -> Any:
         """The engine new write sessions use now: the cluster's pick, or the

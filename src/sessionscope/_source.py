@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import (
@@ -36,6 +36,9 @@ passed as its ``sync_engine``."""
 
 _CACHE_LIMIT = 256
 
+_Factory = TypeVar("_Factory", sessionmaker[Any], async_sessionmaker[Any])
+_RETRYING: Final = "_sessionscope_retrying"  # a factory's retrying twin, kept on it
+
 _logger = logging.getLogger("sessionscope")
 
 
@@ -46,7 +49,8 @@ class SessionSource:
     (None: derived from ``url``). ``prepare_class`` is called once for each
     session class the source opens sessions of (a subclass of the user's class,
     of this source's own), so class-level events cost nothing per session and
-    leave other sessions of the user's class alone.
+    leave other sessions of the user's class alone; ``prepare_retry_class``
+    for the subclass of each factory's class that :meth:`retrying` opens.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class SessionSource:
         session_class: type[Session] | None,
         async_session_class: type[AsyncSession] | None,
         prepare_class: Callable[[type[Session]], None],
+        prepare_retry_class: Callable[[type[Session]], None],
         prepare_engine: Callable[[Engine], None],
     ) -> None:
         self._url = url
@@ -71,6 +76,7 @@ class SessionSource:
         self._session_class = session_class
         self._async_session_class = async_session_class
         self._prepare_class = prepare_class
+        self._prepare_retry_class = prepare_retry_class
         self.prepare_engine = prepare_engine
         """Called once for each engine of this source, given or created (the
         SQLite BEGIN recipe, the pool-wait measurement); the router and the
@@ -216,6 +222,34 @@ class SessionSource:
                     self._classes[base] = cls
         return cls
 
+    def retrying(self, factory: _Factory) -> _Factory:
+        """``factory``'s twin for scopes under a retry boundary: the same
+        settings and listeners, for a subclass of its session class prepared
+        with ``prepare_retry_class``. Made once per factory and kept on it."""
+        twin: _Factory | None = factory.__dict__.get(_RETRYING)
+        if twin is None:
+            with self.lock:
+                twin = factory.__dict__.get(_RETRYING)
+                if twin is None:
+                    twin = self._retrying_twin(factory)
+                    setattr(factory, _RETRYING, twin)
+        return twin
+
+    def _retrying_twin(self, factory: _Factory) -> _Factory:
+        if isinstance(factory, async_sessionmaker):
+            base = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
+            kw = {**factory.kw, "sync_session_class": self._retry_class(base)}
+            return async_sessionmaker(class_=factory.class_, **kw)
+        # A subclass of the factory's own class: listeners a user put on the
+        # factory (event.listen(manager.session_factory, ...)) apply to it too.
+        return sessionmaker(class_=self._retry_class(factory.class_), **factory.kw)
+
+    def _retry_class(self, base: type[Session]) -> type[Session]:
+        cls = type(base.__name__, (base,), {"__module__": base.__module__})
+        cls.__qualname__ = base.__qualname__
+        self._prepare_retry_class(cls)
+        return cls
+
     # -- sessions with per-scope settings --------------------------------------------
 
     def is_bound(self, is_async: bool) -> bool:
@@ -223,11 +257,18 @@ class SessionSource:
         return is_async in self._bound
 
     def open_with_options(
-        self, cfg: SessionConfig, factory: Callable[..., Any], engine: Any, is_async: bool
+        self,
+        cfg: SessionConfig,
+        factory: Any,
+        engine: Any,
+        is_async: bool,
+        retrying: bool,
     ) -> Any:
-        """A new session (or ``AsyncSession``) from ``factory`` carrying the
-        scope's settings (isolation, read-only, timeout, causal reads) for
-        ``engine``."""
+        """A new session (or ``AsyncSession``) from ``factory`` (its
+        :meth:`retrying` twin if ``retrying``) carrying the scope's settings
+        (isolation, read-only, timeout, causal reads) for ``engine``."""
+        if retrying:
+            factory = self.retrying(factory)
         if is_async in self._bound:
             # Bound sessions share a transaction that is already open (bound_to()):
             # per-transaction server settings cannot apply; the ORM guard still can.

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar
 
 if TYPE_CHECKING:
@@ -76,6 +79,10 @@ transactions in between are reported in one summary line."""
 _logger = logging.getLogger("sessionscope")
 
 _K = TypeVar("_K")
+_T = TypeVar("_T")
+_End = tuple[bool | None, bool, float, bool, str | None]
+"""A recorded end: (committed, failed, duration, slow, function); committed is
+None for a decorated call that did not own its transaction."""
 
 _WINDOW: Final = 1024  # transactions kept for p95: bounded memory, recent behaviour
 
@@ -200,14 +207,19 @@ class Stats:
         Read without the lock as a cheap "is a check due?" test."""
         self._min_threshold = math.inf  # the shortest threshold watched so far
         self.listeners: tuple[TransactionListener, ...] = ()
-        # Events not yet added into the figures: None for a session opened; a
-        # transaction's end as (committed, failed, duration, slow, function),
-        # committed None for a decorated call that did not own its transaction;
-        # a checkout's wait as a float. Appended without the lock (deque.append
-        # is atomic), taken off only under it (_fold_locked).
-        self._journal: deque[
-            float | tuple[bool | None, bool, float, bool, str | None] | None
-        ] = deque()
+        # Events not yet added into the figures, one journal per kind so that
+        # the usual ones cost a float append to record and a few C-level calls
+        # per batch to fold: a session opened (None); a transaction committed
+        # without a function name, failure or slowness (its duration); the same
+        # with a function name ((duration, function)); any other end, or a call
+        # that did not own its transaction (committed None), as (committed,
+        # failed, duration, slow, function); a checkout's wait. Appended without
+        # the lock (deque.append is atomic), taken off only under it.
+        self._opened: deque[None] = deque()
+        self._committed: deque[float] = deque()
+        self._committed_in: deque[tuple[float, str]] = deque()
+        self._journal: deque[_End] = deque()
+        self._waits: deque[float] = deque()
 
     # -- events ------------------------------------------------------------------
 
@@ -219,7 +231,7 @@ class Stats:
             return self.session_count - self.total_transactions
 
     def session_opened(self) -> None:
-        self._journal.append(None)
+        self._opened.append(None)
 
     def session_opened_watched(
         self, key: int, started: float, threshold: float, where: object, offset: int = -1
@@ -232,7 +244,7 @@ class Stats:
         # A tuple of what was given, not an object: this runs for every session
         # by default, and each extra object is memory per session.
         self._held[key] = (started, threshold, where, offset)
-        self._journal.append(None)
+        self._opened.append(None)
         if threshold < self._min_threshold:
             self._lower_threshold(started + threshold, threshold)
 
@@ -268,8 +280,16 @@ class Stats:
         slow = duration - pool_wait > slow_threshold
         if self._held:
             self._held.pop(key, None)  # atomic: overdue() takes entries the same way
-        journal = self._journal
-        journal.append((committed, failed, duration, slow, function))
+        journal: deque[Any]
+        if not committed or failed or slow:
+            journal = self._journal
+            journal.append((committed, failed, duration, slow, function))
+        elif function is None:
+            journal = self._committed
+            journal.append(duration)
+        else:
+            journal = self._committed_in
+            journal.append((duration, function))
         if self.listeners:
             self._notify(duration, committed, failed, self._recorded_as(function))
         elif len(journal) >= JOURNAL_LIMIT:
@@ -287,9 +307,9 @@ class Stats:
 
     def pool_waited(self, seconds: float) -> None:
         """Record one checkout of a pooled connection that took ``seconds``."""
-        journal = self._journal
-        journal.append(seconds)
-        if len(journal) >= JOURNAL_LIMIT:
+        waits = self._waits
+        waits.append(seconds)
+        if len(waits) >= JOURNAL_LIMIT:
             self._fold()
 
     def _recorded_as(self, function: str | None) -> str | None:
@@ -313,63 +333,71 @@ class Stats:
             lock.release()
 
     def _fold_locked(self) -> None:
-        """Add the journal's events into the figures, in the order they were
-        recorded (which names get a row of their own depends on it)."""
-        journal = self._journal
-        count = len(journal)  # only this method takes events off, under the lock
-        if not count:
-            return
-        take = journal.popleft
-        opened = ended = committed = failed = slow = 0
-        dur_sum = 0.0
-        dur_max = self.dur_max
-        durations = self.durations.append
-        buckets = self.buckets
-        acquisitions = 0
-        wait_sum = 0.0
-        wait_max = self.pool_wait_max
-        waits = self.pool_waits.append
-        wait_buckets = self.pool_wait_buckets
-        for _ in range(count):
-            event = take()
-            if event is None:
-                opened += 1
-                continue
-            if isinstance(event, float):  # a checkout's wait
-                acquisitions += 1
-                wait_sum += event
-                if event > wait_max:
-                    wait_max = event
-                waits(event)
-                wait_buckets[bisect_left(POOL_WAIT_BUCKETS, event)] += 1
-                continue
-            done, bad, duration, was_slow, function = event
-            if done is not None:
-                ended += 1
-                if done:
-                    committed += 1
-                if bad:
-                    failed += 1
-                dur_sum += duration
-                if duration > dur_max:
-                    dur_max = duration
-                durations(duration)
-                buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
-                if was_slow:
-                    slow += 1
-            if function is not None:
-                self._function_locked(function, duration, bad)
-        self.session_count += opened
-        self.total_transactions += ended
-        self.committed += committed
-        self.rolled_back += ended - committed
-        self.failed += failed
-        self.slow += slow
-        self.dur_sum += dur_sum
-        self.dur_max = dur_max
-        self.pool_acquisitions += acquisitions
-        self.pool_wait_sum += wait_sum
-        self.pool_wait_max = wait_max
+        """Add the journals' events into the figures.
+
+        The usual events are counted a batch at a time with C-level calls
+        (``len``, ``sum``, ``max``, a sort for the histogram), not one by one.
+        Function names are added in the order they were recorded within each
+        journal; which names get a row of their own once the table is full
+        (:data:`FUNCTION_LIMIT`) can depend on it, and an exporter told the
+        name (a listener) folds at every event, so it hears the table's."""
+        if self._opened:
+            self.session_count += len(_take(self._opened))
+        if self._waits:
+            waits = _take(self._waits)
+            self.pool_acquisitions += len(waits)
+            self.pool_wait_sum += sum(waits)
+            self.pool_wait_max = max(self.pool_wait_max, *waits)
+            self.pool_waits.extend(waits)
+            _histogram(self.pool_wait_buckets, POOL_WAIT_BUCKETS, waits)
+        durations: list[float] = _take(self._committed) if self._committed else []
+        if self._committed_in:
+            table = self.functions
+            keep = durations.append
+            for duration, function in _take(self._committed_in):
+                keep(duration)
+                row = table.get(function)
+                if row is None:
+                    self._function_locked(function, duration, False)
+                    continue
+                row.calls += 1
+                row.total += duration
+                if duration > row.max:
+                    row.max = duration
+        if durations:
+            ended = len(durations)
+            self.total_transactions += ended
+            self.committed += ended
+            self.dur_sum += sum(durations)
+            self.dur_max = max(self.dur_max, *durations)
+            self.durations.extend(durations)
+            _histogram(self.buckets, DURATION_BUCKETS, durations)
+        if self._journal:
+            for event in _take(self._journal):
+                self._fold_event(*event)
+
+    def _fold_event(
+        self, done: bool | None, failed: bool, duration: float, slow: bool, function: str | None
+    ) -> None:
+        """One event of the general journal (a rollback, a failure, a slow
+        transaction, a call that joined one)."""
+        if done is not None:
+            self.total_transactions += 1
+            if done:
+                self.committed += 1
+            else:
+                self.rolled_back += 1
+            if failed:
+                self.failed += 1
+            if slow:
+                self.slow += 1
+            self.dur_sum += duration
+            if duration > self.dur_max:
+                self.dur_max = duration
+            self.durations.append(duration)
+            self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        if function is not None:
+            self._function_locked(function, duration, failed)
 
     def _function_locked(self, function: str, duration: float, failed: bool) -> None:
         """Add one call to ``function``'s figures, under its own name or, once
@@ -644,6 +672,34 @@ class Stats:
                 for name, (calls, failures, dsum) in sorted(now["functions"].items())
             },
         }
+
+
+# operator.call (Python 3.11+) or, before it, its equivalent.
+_call: Final[Callable[[Callable[[], Any]], Any]] = getattr(
+    operator, "call", methodcaller("__call__")
+)
+
+
+def _take(journal: deque[_T]) -> list[_T]:
+    """The events of ``journal`` now, taken off it: popleft() once per event
+    seen, as events may be appended meanwhile, driven from C (map)."""
+    return list(map(_call, repeat(journal.popleft, len(journal))))
+
+
+def _histogram(buckets: list[int], bounds: tuple[float, ...], values: list[float]) -> None:
+    """Add each of ``values`` to the bucket of the first of ``bounds`` it does not
+    exceed (the last bucket: past every bound). Sorted once, then cut at the
+    bounds up to the largest value: a batch's values mostly share a bucket."""
+    values.sort()
+    size = len(values)
+    below = 0
+    for i, bound in enumerate(bounds):
+        upto = bisect_right(values, bound, below)
+        buckets[i] += upto - below
+        below = upto
+        if below == size:
+            return
+    buckets[-1] += size - below
 
 
 def routing_series(

@@ -132,8 +132,12 @@ def _call_in_scope(
         _core.begin_savepoint(frame.session, frame)
     _core.push(frame)
     try:
-        call_args, call_kwargs = injection.call_args(args, kwargs, frame.session)
-        result = func(*call_args, **call_kwargs)
+        if injection.leading and not kwargs:
+            # Injection.call_args's usual case, without its call.
+            result = func(frame.session, *(args[1:] if explicit is not None else args))
+        else:
+            call_args, call_kwargs = injection.call_args(args, kwargs, frame.session)
+            result = func(*call_args, **call_kwargs)
     except BaseException as exc:
         _leave(manager, frame, exc)
         raise
@@ -186,7 +190,12 @@ def decorate_sync(
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        explicit = injection.explicit(args, kwargs)
+        if injection.leading and not kwargs:
+            # Injection.explicit's usual case, without its call.
+            first = args[0] if args else None
+            explicit = first if isinstance(first, Session) else None
+        else:
+            explicit = injection.explicit(args, kwargs)
         manager = get_manager() if explicit is None else scope_manager(get_manager, True)
         if manager is None:
             cfg = detached

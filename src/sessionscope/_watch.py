@@ -39,26 +39,51 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CONTEXTLIB = contextlib.__file__
 
 
-def where(function: str | None, caller: FrameType | None) -> tuple[object, int]:
+def where(
+    function: str | None, caller: FrameType | None, code: CodeType | None = None, at: int = -1
+) -> tuple[object, int]:
     """Where a session is being opened, as ``(place, offset)``: ``(function, -1)``
     for a decorated function (its name), else ``(code, instruction offset)`` of
     the nearest frame outside this package and ``contextlib`` (an
     ``ExitStack``, a ``@contextmanager`` helper's machinery) from ``caller``
     (the frame that entered the scope) outwards; ``(None, -1)`` if there is
-    none."""
+    none. ``code`` and ``at``: the caller's ``f_code`` and ``f_lasti`` when
+    already read (reading a frame's attributes is not cheap)."""
     if function is not None:
         return function, -1
     frame = caller
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
-        # ExitStack.enter_context, @contextmanager: the code that called them
-        or frame.f_code.co_filename == _CONTEXTLIB
-    ):
+    if frame is not None and code is None:
+        code, at = frame.f_code, frame.f_lasti
+    while frame is not None and code is not None:
+        outside = _OUTSIDE.get(code.co_filename)
+        if outside is None:
+            outside = _outside(code.co_filename)
+        if outside:
+            # The instruction offset, not f_lineno: working out a line number
+            # decodes the code's line table, which costs more than the rest of
+            # a scope's bookkeeping; describe() does it for the rare session
+            # reported.
+            return code, at
         frame = frame.f_back
-    # The instruction offset, not f_lineno: working out a line number decodes
-    # the code's line table, which costs more than the rest of a scope's
-    # bookkeeping; describe() does it for the rare session reported.
-    return (None, -1) if frame is None else (frame.f_code, frame.f_lasti)
+        if frame is not None:
+            code, at = frame.f_code, frame.f_lasti
+    return None, -1
+
+
+# Source files by whether they are outside this package and contextlib: a
+# dict lookup instead of two string tests per scope. Bounded: a program has
+# so many source files, and past the limit the answer is worked out each time.
+_OUTSIDE: dict[str, bool] = {}
+_OUTSIDE_LIMIT = 4096
+
+
+def _outside(filename: str) -> bool:
+    # ExitStack.enter_context, @contextmanager: the code that called them
+    # is what the warning names.
+    outside = not filename.startswith(_PACKAGE_DIR) and filename != _CONTEXTLIB
+    if len(_OUTSIDE) < _OUTSIDE_LIMIT:
+        _OUTSIDE[filename] = outside
+    return outside
 
 
 def describe(where: tuple[object, int]) -> str:
