@@ -993,3 +993,74 @@ async def test_async_commit_through_the_connection_is_never_retried(
         if lock is not None:
             lock.close()
         await env.aclose()
+
+
+# -- review of the retrying twin (a decorated call's session factory) -------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factory_configure_applies_to_decorated_calls(backend: str, tmp_path: Path) -> None:
+    """``manager.session_factory.configure(...)`` changes every session the
+    manager opens from then on, also those of decorated calls (opened from the
+    factory's retrying twin), even after the twin was first used."""
+    env, _ = _transient_env(backend, tmp_path)
+    manager = env.manager
+    seen: list[Any] = []
+
+    @manager.with_session
+    def tenant(session: Session) -> None:
+        seen.append(session.info.get("tenant"))
+
+    try:
+        tenant()
+        manager.session_factory.configure(info={"tenant": "b"})
+        tenant()
+        with manager.session_scope() as session:
+            seen.append(session.info.get("tenant"))
+        assert seen == [None, "b", "b"]
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_async_factory_configure_applies_to_decorated_calls(
+    backend: str, tmp_path: Path
+) -> None:
+    env, _ = _transient_env(backend, tmp_path)
+    manager = env.manager
+    seen: list[Any] = []
+
+    @manager.async_with_session
+    async def tenant(session: AsyncSession) -> None:
+        seen.append(session.info.get("tenant"))
+
+    try:
+        await tenant()
+        manager.async_session_factory.configure(info={"tenant": "b"})
+        await tenant()
+        async with manager.async_session_scope() as session:
+            seen.append(session.info.get("tenant"))
+        assert seen == [None, "b", "b"]
+    finally:
+        await env.aclose()
+
+
+def test_mariadb_timeout_on_a_mysql_url_before_the_first_connection() -> None:
+    """A MariaDB server reached through a ``mysql+pymysql://`` URL: SQLAlchemy
+    knows it is MariaDB only once connected, and the first scope's statement
+    timeout must use MariaDB's variable, not MySQL's."""
+    from sessionscope import SessionManager
+
+    from .conftest import backend_url
+
+    url = backend_url("mariadb", Path("/nonexistent")).replace("mariadb+pymysql", "mysql+pymysql")
+    manager = SessionManager(url)
+    try:
+        with manager.session_scope(timeout=30) as session:
+            limit = session.execute(text("SELECT @@session.max_statement_time")).scalar_one()
+            assert float(limit) == 30.0
+        with manager.engine.connect() as conn:  # put back when the connection returned
+            limit = conn.execute(text("SELECT @@session.max_statement_time")).scalar_one()
+            assert float(limit) == 0.0
+    finally:
+        manager.dispose()

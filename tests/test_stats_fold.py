@@ -113,3 +113,37 @@ def test_batched_figures_equal_event_by_event_figures(events: list[tuple[Any, ..
         else:
             _check(stats, ref)
     _check(stats, ref)
+
+
+def test_a_fold_never_counts_an_end_without_its_opening(monkeypatch: Any) -> None:
+    """Other threads record while a fold takes the journals off one by one: a
+    session opened and ended in between must not be counted as ended but not
+    opened (``active_sessions`` below zero)."""
+    import sessionscope._stats as stats_module
+
+    stats = Stats()
+    real_take = stats_module._take
+    injected = [False]
+
+    def take_while_another_thread_records(journal: Any) -> Any:
+        taken = real_take(journal)
+        if not injected[0]:
+            # Between two journals, a session opens and commits elsewhere.
+            injected[0] = True
+            stats._opened.append(None)
+            stats._committed.append(0.001)
+        return taken
+
+    monkeypatch.setattr(stats_module, "_take", take_while_another_thread_records)
+    stats.session_opened()
+    stats.transaction_ended(True, False, 0.001, 1.0, None)
+    snapshot = stats.snapshot()
+    assert snapshot["active_sessions"] >= 0
+    assert snapshot["session_count"] >= snapshot["total_transactions"]
+    monkeypatch.undo()
+    final = stats.snapshot()
+    assert (final["session_count"], final["total_transactions"], final["active_sessions"]) == (
+        2,
+        2,
+        0,
+    )

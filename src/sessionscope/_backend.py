@@ -345,6 +345,9 @@ class BeginStatement(NamedTuple):
 
     sql: str
     restore: str | None = None
+    mariadb_sql: str | None = None
+    """What to run instead on MariaDB, when it differs. Chosen per connection:
+    SQLAlchemy knows a ``mysql://`` URL's server is MariaDB only once connected."""
 
 
 _TIMEOUT_MARK: Final = "sessionscope_timeout"
@@ -368,11 +371,13 @@ def begin_statements(
         if name in ("postgresql", "cockroachdb"):
             statements.append(BeginStatement(f"SET LOCAL statement_timeout = {ms}"))
         elif name in ("mysql", "mariadb"):
-            if getattr(engine.dialect, "is_mariadb", False):
-                sql = f"SET @@session.max_statement_time = {ms / 1000:.3f}"
-            else:
-                sql = f"SET @@session.max_execution_time = {ms}"
-            statements.append(BeginStatement(sql, _TIMEOUT_MARK))
+            statements.append(
+                BeginStatement(
+                    f"SET @@session.max_execution_time = {ms}",
+                    _TIMEOUT_MARK,
+                    f"SET @@session.max_statement_time = {ms / 1000:.3f}",
+                )
+            )
             _install_mysql_reset(engine)
         else:
             raise ValueError(
@@ -464,11 +469,6 @@ def _install_mysql_reset(engine: Engine) -> None:
     if engine in _mysql_reset_installed:
         return
     _mysql_reset_installed.add(engine)
-    variable = (
-        "max_statement_time"
-        if getattr(engine.dialect, "is_mariadb", False)
-        else ("max_execution_time")
-    )
 
     @event.listens_for(engine, "checkin")
     def _checkin(dbapi_connection: Any, record: Any) -> None:
@@ -478,6 +478,10 @@ def _install_mysql_reset(engine: Engine) -> None:
             return
         resets = []
         if record.info.pop(_TIMEOUT_MARK, False):
+            # Asked here, not when installed: a mysql:// URL's server is known
+            # to be MariaDB only once connected.
+            mariadb = getattr(engine.dialect, "is_mariadb", False)
+            variable = "max_statement_time" if mariadb else "max_execution_time"
             resets.append(f"@@session.{variable} = DEFAULT")
         if record.info.pop(_SYNC_WAIT_MARK, False):
             resets.append("@@session.wsrep_sync_wait = DEFAULT")
@@ -501,7 +505,12 @@ def install_begin_statements(session: Session, statements: list[BeginStatement])
             if statement.restore is not None:
                 # Tells the pool's checkin listener to restore the session variable.
                 connection.info[statement.restore] = True
-            connection.exec_driver_sql(statement.sql)
+            sql = statement.sql
+            if statement.mariadb_sql is not None and getattr(
+                connection.dialect, "is_mariadb", False
+            ):
+                sql = statement.mariadb_sql
+            connection.exec_driver_sql(sql)
 
     event.listen(session, "after_begin", _after_begin)
 

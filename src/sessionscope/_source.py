@@ -42,6 +42,26 @@ _RETRYING: Final = "_sessionscope_retrying"  # a factory's retrying twin, kept o
 _logger = logging.getLogger("sessionscope")
 
 
+class _AsyncTwin(async_sessionmaker[Any]):
+    """An ``async_sessionmaker``'s retrying twin: the original's settings, read
+    at every call (so ``configure()`` on the original applies), with another
+    sync session class."""
+
+    def __init__(self, original: async_sessionmaker[Any], sync_session_class: type[Session]):
+        # Not the base initializer: every setting is the original's.
+        self.class_ = original.class_
+        self._original = original
+        self._sync_session_class = sync_session_class
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        return {**self._original.kw, "sync_session_class": self._sync_session_class}
+
+    @kw.setter
+    def kw(self, value: dict[str, Any]) -> None:
+        raise AttributeError("configure the original factory; its twin follows it")
+
+
 class SessionSource:
     """Engines, factories and session options of one database.
 
@@ -238,11 +258,13 @@ class SessionSource:
     def _retrying_twin(self, factory: _Factory) -> _Factory:
         if isinstance(factory, async_sessionmaker):
             base = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
-            kw = {**factory.kw, "sync_session_class": self._retry_class(base)}
-            return async_sessionmaker(class_=factory.class_, **kw)
+            return _AsyncTwin(factory, self._retry_class(base))
         # A subclass of the factory's own class: listeners a user put on the
         # factory (event.listen(manager.session_factory, ...)) apply to it too.
-        return sessionmaker(class_=self._retry_class(factory.class_), **factory.kw)
+        twin = sessionmaker(class_=self._retry_class(factory.class_), **factory.kw)
+        # The same settings object: configure() on the factory applies to both.
+        twin.kw = factory.kw
+        return twin
 
     def _retry_class(self, base: type[Session]) -> type[Session]:
         cls = type(base.__name__, (base,), {"__module__": base.__module__})

@@ -341,8 +341,6 @@ class Stats:
         journal; which names get a row of their own once the table is full
         (:data:`FUNCTION_LIMIT`) can depend on it, and an exporter told the
         name (a listener) folds at every event, so it hears the table's."""
-        if self._opened:
-            self.session_count += len(_take(self._opened))
         if self._waits:
             waits = _take(self._waits)
             self.pool_acquisitions += len(waits)
@@ -375,6 +373,11 @@ class Stats:
         if self._journal:
             for event in _take(self._journal):
                 self._fold_event(*event)
+        # Openings last: a session opened and ended while the other journals
+        # were taken off is then counted opened, if not yet ended, and never
+        # ended without its opening (active_sessions below zero).
+        if self._opened:
+            self.session_count += len(_take(self._opened))
 
     def _fold_event(
         self, done: bool | None, failed: bool, duration: float, slow: bool, function: str | None
