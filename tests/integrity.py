@@ -67,6 +67,9 @@ class Env:
         assert self.idle_in_transaction() == 0
 
     async def aclose(self) -> None:
+        # The sync engine too: the schema was made through it, and a pooled
+        # SQLite connection left to the garbage collector warns (Python 3.13).
+        self.manager.dispose()
         await self.manager.adispose()
         self.observer.dispose()
 

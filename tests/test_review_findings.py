@@ -1003,7 +1003,7 @@ def test_factory_configure_applies_to_decorated_calls(backend: str, tmp_path: Pa
     """``manager.session_factory.configure(...)`` changes every session the
     manager opens from then on, also those of decorated calls (opened from the
     factory's retrying twin), even after the twin was first used."""
-    env, _ = _transient_env(backend, tmp_path)
+    env = make_env(backend, tmp_path)
     manager = env.manager
     seen: list[Any] = []
 
@@ -1026,7 +1026,7 @@ def test_factory_configure_applies_to_decorated_calls(backend: str, tmp_path: Pa
 async def test_async_factory_configure_applies_to_decorated_calls(
     backend: str, tmp_path: Path
 ) -> None:
-    env, _ = _transient_env(backend, tmp_path)
+    env = make_env(backend, tmp_path)
     manager = env.manager
     seen: list[Any] = []
 
