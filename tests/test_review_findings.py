@@ -878,6 +878,31 @@ _COMMIT_THROUGH_CONNECTION_CASES = [(backend, {}) for backend in BACKENDS] + [
 ]
 
 
+def _commit_through_the_connection(
+    env: Env, session: Session, lock: SqliteLock | None, calls: list[int]
+) -> None:
+    """One attempt of a unit that commits its first row through the session's
+    connection, then (first attempt only) meets a transient error on its next write."""
+    calls.append(1)
+    if lock is not None:
+        lock.release()
+    session.add(User(name=f"paid{len(calls)}"))
+    session.flush()
+    session.connection().commit()
+    if len(calls) == 1:
+        _break_next_write(env, session, lock)
+    session.add(User(name=f"receipt{len(calls)}"))
+    session.flush()
+
+
+def _assert_ran_once(env: Env, lock: SqliteLock | None, calls: list[int]) -> None:
+    if lock is not None:
+        lock.release()
+    assert calls == [1], "re-run after the body's COMMIT through the connection"
+    assert env.rows() == ["paid1"]
+    env.assert_clean()
+
+
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")  # a warning, as in production
 @pytest.mark.parametrize(("backend", "options"), _COMMIT_THROUGH_CONNECTION_CASES)
 def test_body_commit_through_the_connection_is_never_retried(
@@ -889,30 +914,16 @@ def test_body_commit_through_the_connection_is_never_retried(
     transient error afterwards re-runs the unit and the committed part is
     applied twice."""
     env, lock = _transient_env(backend, tmp_path)
-    manager = env.manager
     calls: list[int] = []
 
-    @manager.with_session(**options)
+    @env.manager.with_session(**options)
     def work(session: Session) -> None:
-        calls.append(1)
-        if lock is not None:
-            lock.release()
-        session.add(User(name=f"paid{len(calls)}"))
-        session.flush()
-        session.connection().commit()
-        if len(calls) == 1:
-            _break_next_write(env, session, lock)
-        session.add(User(name=f"receipt{len(calls)}"))
-        session.flush()
+        _commit_through_the_connection(env, session, lock, calls)
 
     try:
         with contextlib.suppress(Exception):
             work()
-        if lock is not None:
-            lock.release()
-        assert calls == [1], "re-run after the body's COMMIT through the connection"
-        assert env.rows() == ["paid1"]
-        env.assert_clean()
+        _assert_ran_once(env, lock, calls)
     finally:
         if lock is not None:
             lock.close()
@@ -928,30 +939,16 @@ def test_commit_through_the_connection_under_with_retry_is_never_retried(
     the scope is opened under a retry boundary, so its session must follow a
     COMMIT sent through its connection as a decorated call's does."""
     env, lock = _transient_env(backend, tmp_path)
-    manager = env.manager
     calls: list[int] = []
 
     def work() -> None:
-        calls.append(1)
-        if lock is not None:
-            lock.release()
-        with manager.session_scope() as session:
-            session.add(User(name=f"paid{len(calls)}"))
-            session.flush()
-            session.connection().commit()
-            if len(calls) == 1:
-                _break_next_write(env, session, lock)
-            session.add(User(name=f"receipt{len(calls)}"))
-            session.flush()
+        with env.manager.session_scope() as session:
+            _commit_through_the_connection(env, session, lock, calls)
 
     try:
         with contextlib.suppress(Exception):
-            manager.with_retry(work, retry_delay=0.01)
-        if lock is not None:
-            lock.release()
-        assert calls == [1], "re-run after the body's COMMIT through the connection"
-        assert env.rows() == ["paid1"]
-        env.assert_clean()
+            env.manager.with_retry(work, retry_delay=0.01)
+        _assert_ran_once(env, lock, calls)
     finally:
         if lock is not None:
             lock.close()
@@ -965,10 +962,9 @@ async def test_async_commit_through_the_connection_is_never_retried(
 ) -> None:
     """The rule for an async decorated call: ``(await session.connection()).commit()``."""
     env, lock = _transient_env(backend, tmp_path)
-    manager = env.manager
     calls: list[int] = []
 
-    @manager.async_with_session(retry_delay=0.01)
+    @env.manager.async_with_session(retry_delay=0.01)
     async def work(session: AsyncSession) -> None:
         calls.append(1)
         if lock is not None:
@@ -984,11 +980,7 @@ async def test_async_commit_through_the_connection_is_never_retried(
     try:
         with contextlib.suppress(Exception):
             await work()
-        if lock is not None:
-            lock.release()
-        assert calls == [1], "re-run after the body's COMMIT through the connection"
-        assert env.rows() == ["paid1"]
-        env.assert_clean()
+        _assert_ran_once(env, lock, calls)
     finally:
         if lock is not None:
             lock.close()

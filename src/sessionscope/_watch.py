@@ -40,20 +40,18 @@ _CONTEXTLIB = contextlib.__file__
 
 
 def where(
-    function: str | None, caller: FrameType | None, code: CodeType | None = None, at: int = -1
+    function: str | None, caller: FrameType | None, code: CodeType | None, at: int
 ) -> tuple[object, int]:
     """Where a session is being opened, as ``(place, offset)``: ``(function, -1)``
     for a decorated function (its name), else ``(code, instruction offset)`` of
     the nearest frame outside this package and ``contextlib`` (an
     ``ExitStack``, a ``@contextmanager`` helper's machinery) from ``caller``
     (the frame that entered the scope) outwards; ``(None, -1)`` if there is
-    none. ``code`` and ``at``: the caller's ``f_code`` and ``f_lasti`` when
-    already read (reading a frame's attributes is not cheap)."""
+    none. ``code`` and ``at`` are the caller's ``f_code`` and ``f_lasti``, which
+    the scope has read already (reading a frame's attributes is not cheap)."""
     if function is not None:
         return function, -1
     frame = caller
-    if frame is not None and code is None:
-        code, at = frame.f_code, frame.f_lasti
     while frame is not None and code is not None:
         outside = _OUTSIDE.get(code.co_filename)
         if outside is None:
