@@ -12,6 +12,7 @@ from ._backend import is_autocommit
 from ._policy import PROPAGATIONS, Propagation
 
 __all__ = [
+    "LEVELNO",
     "PROPAGATIONS",
     "ChildTasks",
     "Propagation",
@@ -27,7 +28,11 @@ _LOG_LEVELS: Final = {
     "ERROR": logging.ERROR,
     "CRITICAL": logging.CRITICAL,
 }
-_LEVELNO: dict[str, int] = {}  # log_level as given -> its number (see log_levelno)
+LEVELNO: Final[dict[str, int]] = {}
+"""Each ``log_level`` as given (any spelling a config was built with) -> its
+number. Every config's level is in it once the config exists: the scope reads
+``LEVELNO[cfg.log_level]`` on every transaction, where the call of the
+:attr:`SessionConfig.log_levelno` property costs several times a lookup."""
 
 
 def _default_retry_predicate(exc: BaseException) -> bool:
@@ -128,7 +133,7 @@ class SessionConfig:
                 f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
             )
         # Read on every scope: the level of each spelling is worked out once.
-        _LEVELNO.setdefault(self.log_level, _LOG_LEVELS[self.log_level.upper()])
+        LEVELNO.setdefault(self.log_level, _LOG_LEVELS[self.log_level.upper()])
         if isinstance(self.retry_attempts, bool) or not isinstance(self.retry_attempts, int):
             raise TypeError(f"retry_attempts must be an int, got {self.retry_attempts!r}")
         if self.retry_attempts < 0:
@@ -196,7 +201,7 @@ class SessionConfig:
     @property
     def log_levelno(self) -> int:
         """The numeric logging level of :attr:`log_level`."""
-        return _LEVELNO[self.log_level]
+        return LEVELNO[self.log_level]
 
     def merged(self, overrides: Mapping[str, Any]) -> SessionConfig:
         """Return a copy with ``overrides`` applied (validated)."""

@@ -55,6 +55,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _watch
 from ._backend import INTERNAL_ROLLBACK, ROUTED_TO_REPLICA
+from ._config import LEVELNO
 from ._errors import (
     ActiveScopeError,
     CommitOutcomeUnknownError,
@@ -665,7 +666,13 @@ def open_frame(
         outer = current_frame(key, is_async, host)
     if caller is not None:
         code, at = caller.f_code, caller.f_lasti
-        generator = entered_in_generator(caller, code, at)
+        # entered_in_generator()'s first test, written out: a plain function's
+        # own with statement is nearly every scope, and two calls cost more.
+        generator = (
+            None
+            if not code.co_flags & _GENERATOR_FLAGS and code.co_code[at] == _WITH_ENTRY
+            else entered_in_generator(caller, code, at)
+        )
     else:
         code, at, generator = None, -1, None
     action = (
@@ -701,7 +708,16 @@ def open_frame(
             if cfg.long_session_warning is None:
                 stats.session_opened()
             else:
-                place, offset = _watch.where(function, caller, code, at)
+                # where()'s usual answer without its call: a decorated
+                # function's name, or the with statement of code outside the
+                # package.
+                place: object
+                if function is not None:
+                    place, offset = function, -1
+                elif code is not None and _watch.OUTSIDE.get(code.co_filename):
+                    place, offset = code, at
+                else:
+                    place, offset = _watch.where(function, caller, code, at)
                 stats.session_opened_watched(
                     id(frame), started, cfg.long_session_warning, place, offset
                 )
@@ -709,7 +725,7 @@ def open_frame(
                     _watch.warn_overdue(stats, started)
         if host.observers:
             _begin_trace(frame, host)
-        if cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
+        if LEVELNO[cfg.log_level] <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug("session opened (%s)", function or "scope")
         return frame
     assert outer is not None  # decide() returns NEW when there is no outer frame
@@ -864,9 +880,93 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
     """
     if frame.state is not _ACTIVE:
         return _NOTHING
+    if frame.action is not _NEW:
+        return _exit_inner(frame, exc)
+    # The frame owns its session: written out here, since this runs for every
+    # transaction and a call more costs more than the test.
+    cfg = frame.cfg
+    boundary = frame.boundary
+    if boundary is not None and _committed_behind_the_session(frame):
+        boundary.mark_committed()
+    frame.state = _ENDING
+    committed = False
+    failed = exc is not None and not _is_expected(cfg, exc)
+    callbacks: Sequence[Callback] = ()
+    error: BaseException | None = None
+    if exc is not None and cfg.log_levelno <= logging.WARNING:
+        _log_failure(frame, exc, at_exit=False, expected=not failed)
+    try:
+        veto = frame.veto
+        if exc is None:
+            if veto is _ROLLBACK_ONLY or veto is _SPOILED:
+                failed = True
+                if session.in_transaction():
+                    session.rollback()
+                callbacks = frame.due or ()
+                if cfg.auto_commit:
+                    raise _rollback_only_error(frame)
+            elif frame.commit_in_flight:
+                # The body's own COMMIT was cut off, and the body went on: the
+                # server may or may not have committed, whatever follows.
+                failed = True
+                if session.in_transaction():
+                    _quietly(session.rollback, "rolling back after a lost COMMIT")
+                raise CommitOutcomeUnknownError(
+                    "session.commit() called in the scope body failed and the body went "
+                    "on without rolling back; if the connection was lost, the server may "
+                    "or may not have committed. The rest of the scope was rolled back. "
+                    "This is never retried: check the data (or use an idempotency key) "
+                    "before running the work again."
+                )
+            elif cfg.auto_commit and veto is None:
+                if session.in_transaction():
+                    # Flush first: a failure there happened before COMMIT was sent,
+                    # so its outcome is known (nothing committed) and a transient
+                    # one may be retried.
+                    session.flush()
+                    try:
+                        session.commit()
+                    except BaseException as err:
+                        unknown = _commit_failed(session, frame, err)
+                        if unknown is not None:
+                            raise unknown from err
+                        raise
+                # else nothing is pending (the body committed itself, or sent
+                # nothing): it counts as a successful commit all the same.
+                committed = True
+                if boundary is not None and not boundary.committed and not cfg.read_only:
+                    boundary.mark_committed()
+                due, own = frame.due, frame.callbacks
+                callbacks = (due + own if own else due) if due else (own or ())
+            else:
+                # auto_commit=False or set_rollback(True): close() below returns
+                # the connection, whose reset rolls the work back. Callbacks
+                # whose COMMIT the body made itself still run.
+                callbacks = frame.due or ()
+        else:
+            callbacks = frame.due or ()
+            if cfg.auto_rollback and session.in_transaction():
+                _quietly(session.rollback, "rolling back after an exception")
+            if (frame.commit_in_flight or frame.commit_failed) and is_disconnect(exc):
+                raise CommitOutcomeUnknownError(
+                    "the connection was lost while session.commit() called in the scope "
+                    "body was in flight; the server may or may not have committed. This "
+                    "is never retried: check the data (or use an idempotency key) before "
+                    "running the work again."
+                ) from exc
+    except BaseException as err:
+        failed = True
+        if cfg.log_levelno <= logging.WARNING:
+            _log_failure(frame, err, at_exit=True, expected=False)
+        error = err
+    finally:
+        _close(session, frame, committed, failed, error or exc)
+    return callbacks, error
+
+
+def _exit_inner(frame: Frame, exc: BaseException | None) -> Exit:
+    """:func:`exit_frame` of a frame that joined or saved a point."""
     action = frame.action
-    if action is _NEW:
-        return _exit_root(session, frame, exc)
     frame.state = _CLOSED
     if frame.generator is not None:
         _release_generator(frame)
@@ -1105,77 +1205,6 @@ def _is_open(session: Session, savepoint: SessionTransaction) -> bool:
     return False
 
 
-def _exit_root(session: Session, frame: Frame, exc: BaseException | None) -> Exit:
-    cfg = frame.cfg
-    boundary = frame.boundary
-    if boundary is not None and _committed_behind_the_session(frame):
-        boundary.mark_committed()
-    frame.state = _ENDING
-    committed = False
-    failed = exc is not None and not _is_expected(cfg, exc)
-    callbacks: Sequence[Callback] = ()
-    error: BaseException | None = None
-    if exc is not None and cfg.log_levelno <= logging.WARNING:
-        _log_failure(frame, exc, at_exit=False, expected=not failed)
-    try:
-        veto = frame.veto
-        if exc is None:
-            if veto is _ROLLBACK_ONLY or veto is _SPOILED:
-                failed = True
-                if session.in_transaction():
-                    session.rollback()
-                callbacks = frame.due or ()
-                if cfg.auto_commit:
-                    raise _rollback_only_error(frame)
-            elif frame.commit_in_flight:
-                # The body's own COMMIT was cut off, and the body went on: the
-                # server may or may not have committed, whatever follows.
-                failed = True
-                if session.in_transaction():
-                    _quietly(session.rollback, "rolling back after a lost COMMIT")
-                raise CommitOutcomeUnknownError(
-                    "session.commit() called in the scope body failed and the body went "
-                    "on without rolling back; if the connection was lost, the server may "
-                    "or may not have committed. The rest of the scope was rolled back. "
-                    "This is never retried: check the data (or use an idempotency key) "
-                    "before running the work again."
-                )
-            elif cfg.auto_commit and veto is None:
-                if session.in_transaction():
-                    _commit(session, frame)
-                # else nothing is pending (the body committed itself, or sent
-                # nothing): it counts as a successful commit all the same.
-                committed = True
-                if boundary is not None and not boundary.committed and not cfg.read_only:
-                    boundary.mark_committed()
-                due, own = frame.due, frame.callbacks
-                callbacks = (due + own if own else due) if due else (own or ())
-            else:
-                # auto_commit=False or set_rollback(True): close() below returns
-                # the connection, whose reset rolls the work back. Callbacks
-                # whose COMMIT the body made itself still run.
-                callbacks = frame.due or ()
-        else:
-            callbacks = frame.due or ()
-            if cfg.auto_rollback and session.in_transaction():
-                _quietly(session.rollback, "rolling back after an exception")
-            if (frame.commit_in_flight or frame.commit_failed) and is_disconnect(exc):
-                raise CommitOutcomeUnknownError(
-                    "the connection was lost while session.commit() called in the scope "
-                    "body was in flight; the server may or may not have committed. This "
-                    "is never retried: check the data (or use an idempotency key) before "
-                    "running the work again."
-                ) from exc
-    except BaseException as err:
-        failed = True
-        if cfg.log_levelno <= logging.WARNING:
-            _log_failure(frame, err, at_exit=True, expected=False)
-        error = err
-    finally:
-        _close(session, frame, committed, failed, error or exc)
-    return callbacks, error
-
-
 def _rollback_only_error(frame: Frame) -> RollbackOnlyError:
     if frame.veto is _SPOILED:
         return RollbackOnlyError(
@@ -1232,36 +1261,34 @@ def _log_failure(frame: Frame, err: BaseException, *, at_exit: bool, expected: b
         logger.info("transaction of %s rolled back: %s", name, type(err).__name__)
 
 
-def _commit(session: Session, frame: Frame) -> None:
-    # Flush first: a failure there happened before COMMIT was sent, so its
-    # outcome is known (nothing committed) and a transient one may be retried.
-    session.flush()
-    try:
-        session.commit()
-    except sa_exc.DBAPIError as err:
+def _commit_failed(
+    session: Session, frame: Frame, err: BaseException
+) -> CommitOutcomeUnknownError | None:
+    """After ``session.commit()`` raised ``err`` (the flush before it went
+    through): the error to raise instead, when the COMMIT's outcome is unknown
+    (the connection was lost with it in flight); None to raise ``err`` itself."""
+    if isinstance(err, sa_exc.DBAPIError):
         if is_disconnect(err):
             if frame.boundary is not None:
                 frame.boundary.mark_committed()
-            raise CommitOutcomeUnknownError(
+            return CommitOutcomeUnknownError(
                 f"the connection was lost while COMMIT was in flight ({describe(err)}); "
                 "the server may or may not have committed. This is never retried: "
                 "check the data (or use an idempotency key) before running the work again."
-            ) from err
+            )
         # The server answered: nothing was committed. SQLite keeps its transaction
         # open after a busy COMMIT, and the pool does not roll back a connection
         # whose COMMIT was attempted: roll back here, or the connection goes back
         # to the pool inside a transaction.
         _quietly(session.rollback, "rolling back after a failed COMMIT")
-        raise
-    except BaseException as err:
-        if not isinstance(err, Exception):
-            # A task cancelled mid-COMMIT must re-raise CancelledError, so the
-            # unknown outcome can only be told here.
-            logger.warning(
-                "COMMIT interrupted by %s: the server may or may not have committed",
-                type(err).__name__,
-            )
-        raise
+    elif not isinstance(err, Exception):
+        # A task cancelled mid-COMMIT must re-raise CancelledError, so the
+        # unknown outcome can only be told here.
+        logger.warning(
+            "COMMIT interrupted by %s: the server may or may not have committed",
+            type(err).__name__,
+        )
+    return None
 
 
 def _close(
@@ -1313,7 +1340,7 @@ def _close(
                 _watch.warn_overdue(stats, now)
             if slow and cfg.log_levelno <= logging.WARNING:
                 stats.warn_slow(frame.function or "scope", duration, wait, cfg.slow_threshold, now)
-        if cfg.log_levelno <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
+        if LEVELNO[cfg.log_level] <= logging.DEBUG and logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "session closed (%s): %s in %.6f s",
                 frame.function or "scope",
@@ -1548,7 +1575,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     if root.commit_in_flight:
         # A COMMIT of the body's failed and the body rolled back: if the
-        # connection was lost, the outcome stays unknown (see _exit_root).
+        # connection was lost, the outcome stays unknown (see exit_frame).
         root.commit_in_flight = False
         root.commit_failed = True
     active = root.inner

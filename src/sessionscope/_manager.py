@@ -310,7 +310,7 @@ class SessionManager(Generic[S_co, AS_co]):
     def _open_sync(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, Session]:
         source = self._source
         if cfg is self._plain:
-            factory = source.session_factory
+            factory = source.sync_factory or source.session_factory
             session = (source.retrying(factory) if retrying else factory)()
         elif self._cluster is not None and self._on_cluster(cfg, False):
             session = self._open_on_node(cfg, False, retrying)
@@ -332,7 +332,7 @@ class SessionManager(Generic[S_co, AS_co]):
     def _open_async(self, cfg: SessionConfig, retrying: bool) -> tuple[Session, AsyncSession]:
         source = self._source
         if cfg is self._plain:
-            factory = source.async_session_factory
+            factory = source.async_factory or source.async_session_factory
             front = (source.retrying(factory) if retrying else factory)()
         elif self._cluster is not None and self._on_cluster(cfg, True):
             front = self._open_on_node(cfg, True, retrying)

@@ -103,8 +103,12 @@ class SessionSource:
         cluster call it for theirs too."""
         self.lock = threading.Lock()
         self._classes: dict[type[Session], type[Session]] = {}
-        self._sync_factory: sessionmaker[Session] | None = None
-        self._async_factory: async_sessionmaker[AsyncSession] | None = None
+        self.sync_factory: sessionmaker[Session] | None = None
+        """:attr:`session_factory` once made, else None: what a scope reads
+        first, since the property's call costs more than the rest of the
+        lookup."""
+        self.async_factory: async_sessionmaker[AsyncSession] | None = None
+        """:attr:`async_session_factory` once made, else None."""
         self._bound: dict[bool, Connection | AsyncConnection] = {}  # by is_async
         self._session_kw: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._hooks: list[EngineHook] = []
@@ -202,17 +206,17 @@ class SessionSource:
     @property
     def session_factory(self) -> sessionmaker[Session]:
         """The ``sessionmaker`` behind sync scopes."""
-        factory = self._sync_factory
+        factory = self.sync_factory
         if factory is None:
-            factory = self._sync_factory = sessionmaker(self.engine, **self.factory_kw(False))
+            factory = self.sync_factory = sessionmaker(self.engine, **self.factory_kw(False))
         return factory
 
     @property
     def async_session_factory(self) -> async_sessionmaker[AsyncSession]:
         """The ``async_sessionmaker`` behind async scopes."""
-        factory = self._async_factory
+        factory = self.async_factory
         if factory is None:
-            factory = self._async_factory = async_sessionmaker(
+            factory = self.async_factory = async_sessionmaker(
                 self.async_engine, **self.factory_kw(True)
             )
         return factory
@@ -391,20 +395,20 @@ class SessionSource:
         kw = self.factory_kw(is_async)
         kw["join_transaction_mode"] = "create_savepoint"
         with self.lock:
-            saved = (self._sync_factory, self._async_factory, self._bound.get(is_async))
+            saved = (self.sync_factory, self.async_factory, self._bound.get(is_async))
             if isinstance(connection, AsyncConnection):
-                self._async_factory = async_sessionmaker(connection, **kw)
+                self.async_factory = async_sessionmaker(connection, **kw)
             else:
-                self._sync_factory = sessionmaker(connection, **kw)
+                self.sync_factory = sessionmaker(connection, **kw)
             self._bound[is_async] = connection
         try:
             yield
         finally:
             with self.lock:
                 if is_async:
-                    self._async_factory = saved[1]
+                    self.async_factory = saved[1]
                 else:
-                    self._sync_factory = saved[0]
+                    self.sync_factory = saved[0]
                 if saved[2] is None:
                     del self._bound[is_async]
                 else:

@@ -26,12 +26,12 @@ import contextlib
 import logging
 import os
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from ._stats import Stats
 
-__all__ = ["describe", "warn_overdue", "where"]
+__all__ = ["OUTSIDE", "describe", "warn_overdue", "where"]
 
 logger = logging.getLogger("sessionscope")
 
@@ -53,7 +53,7 @@ def where(
         return function, -1
     frame = caller
     while frame is not None and code is not None:
-        outside = _OUTSIDE.get(code.co_filename)
+        outside = OUTSIDE.get(code.co_filename)
         if outside is None:
             outside = _outside(code.co_filename)
         if outside:
@@ -68,10 +68,12 @@ def where(
     return None, -1
 
 
-# Source files by whether they are outside this package and contextlib: a
-# dict lookup instead of two string tests per scope. Bounded: a program has
-# so many source files, and past the limit the answer is worked out each time.
-_OUTSIDE: dict[str, bool] = {}
+OUTSIDE: Final[dict[str, bool]] = {}
+"""Source files by whether they are outside this package and ``contextlib``
+(the files :func:`where` names): a dict lookup instead of two string tests per
+scope, which a scope may make itself before calling :func:`where`, for its
+usual answer. Bounded: a program has so many source files, and past the limit
+the answer is worked out each time."""
 _OUTSIDE_LIMIT = 4096
 
 
@@ -79,8 +81,8 @@ def _outside(filename: str) -> bool:
     # ExitStack.enter_context, @contextmanager: the code that called them
     # is what the warning names.
     outside = not filename.startswith(_PACKAGE_DIR) and filename != _CONTEXTLIB
-    if len(_OUTSIDE) < _OUTSIDE_LIMIT:
-        _OUTSIDE[filename] = outside
+    if len(OUTSIDE) < _OUTSIDE_LIMIT:
+        OUTSIDE[filename] = outside
     return outside
 
 
