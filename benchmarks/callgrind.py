@@ -34,12 +34,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .env import Env
 from .workloads import Workload, by_name
 
-__all__ = ["available", "count", "valgrind_version"]
+__all__ = ["LAYOUTS", "available", "count", "valgrind_version"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
@@ -130,6 +130,8 @@ def _parts(directory: Path, pid: int) -> list[int]:
 
 
 _LAYOUT_PADS = (0, 37, 101, 211)  # environment padding per layout, in characters
+LAYOUTS: Final = len(_LAYOUT_PADS)
+"""How many memory layouts :func:`count` can run, the full suite's default."""
 
 
 def count(
