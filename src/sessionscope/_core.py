@@ -717,7 +717,7 @@ def open_frame(
                 elif code is not None and _watch.OUTSIDE.get(code.co_filename):
                     place, offset = code, at
                 else:
-                    place, offset = _watch.where(function, caller, code, at)
+                    place, offset = _watch.where(caller, code, at)
                 stats.session_opened_watched(
                     id(frame), started, cfg.long_session_warning, place, offset
                 )

@@ -39,18 +39,15 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CONTEXTLIB = contextlib.__file__
 
 
-def where(
-    function: str | None, caller: FrameType | None, code: CodeType | None, at: int
-) -> tuple[object, int]:
-    """Where a session is being opened, as ``(place, offset)``: ``(function, -1)``
-    for a decorated function (its name), else ``(code, instruction offset)`` of
-    the nearest frame outside this package and ``contextlib`` (an
-    ``ExitStack``, a ``@contextmanager`` helper's machinery) from ``caller``
-    (the frame that entered the scope) outwards; ``(None, -1)`` if there is
-    none. ``code`` and ``at`` are the caller's ``f_code`` and ``f_lasti``, which
-    the scope has read already (reading a frame's attributes is not cheap)."""
-    if function is not None:
-        return function, -1
+def where(caller: FrameType | None, code: CodeType | None, at: int) -> tuple[object, int]:
+    """Where a ``with`` scope's session is being opened, as ``(place, offset)``:
+    ``(code, instruction offset)`` of the nearest frame outside this package and
+    ``contextlib`` (an ``ExitStack``, a ``@contextmanager`` helper's machinery)
+    from ``caller`` (the frame that entered the scope) outwards; ``(None, -1)``
+    if there is none. ``code`` and ``at`` are the caller's ``f_code`` and
+    ``f_lasti``, which the scope has read already (reading a frame's attributes
+    is not cheap). A decorated function's place is its name, ``(name, -1)``,
+    which the scope gives without asking."""
     frame = caller
     while frame is not None and code is not None:
         outside = OUTSIDE.get(code.co_filename)
