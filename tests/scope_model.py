@@ -214,8 +214,6 @@ class MFrame:
         self.closed = False
         self.hidden = False
         self.detached = False
-        # The generator this frame was entered in (a token per generator), if any.
-        self.gen: object | None = None
 
 
 class Model:
@@ -243,7 +241,7 @@ class Model:
                 return frame
         return None
 
-    def _enter(self, propagation: str, stack: list[MFrame], gen: object | None) -> MFrame:
+    def _enter(self, propagation: str, stack: list[MFrame], generator: bool) -> MFrame:
         outer = self._visible(stack)
         if propagation == "requires_new":
             kind = NEW
@@ -257,9 +255,10 @@ class Model:
             kind = SAVEPOINT
         else:
             kind = JOIN
-        # A savepoint entered while a generator runs (in its own scope or in any
-        # scope inside it) is refused unless the transaction is the generator's own.
-        if kind == SAVEPOINT and gen is not None and (outer is None or outer.root.gen is not gen):
+        # A generator's own savepoint is on a transaction its caller keeps using
+        # between iterations (a nested scope there always has an outer one):
+        # refused.
+        if kind == SAVEPOINT and generator:
             raise ModelError("ActiveScopeError")
         if kind == NEW:
             frame = MFrame(NEW, MSession(), outer)
@@ -270,7 +269,6 @@ class Model:
             if kind == SAVEPOINT:
                 frame.session.layers.append([])
                 frame.session.in_tx = True
-        frame.gen = gen
         stack.append(frame)
         return frame
 
@@ -325,28 +323,28 @@ class Model:
 
     # -- operations
 
-    def _body(self, ops: list[Op], stack: list[MFrame], gen: object | None) -> None:
+    def _body(self, ops: list[Op], stack: list[MFrame]) -> None:
         for op in ops:
-            self._op(op, stack, gen)
+            self._op(op, stack)
 
-    def _op(self, op: Op, stack: list[MFrame], gen: object | None = None) -> None:
+    def _op(self, op: Op, stack: list[MFrame]) -> None:
         if isinstance(op, Scope):
             try:
-                self._scope(op.propagation, op.body, op.fail, stack, gen, op.decorated)
+                self._scope(op.propagation, op.body, op.fail, stack)
             except ModelError:
                 if not op.caught:
                     raise
             return
         if isinstance(op, Gen):
             try:
-                self._gen(op, stack, gen)
+                self._gen(op, stack)
             except ModelError:
                 if not op.caught:
                     raise
             return
         if isinstance(op, Child):
             try:
-                self._scope("required", op.body, op.fail, [], None)
+                self._scope("required", op.body, op.fail, [])
             except ModelError:
                 if not op.caught:
                     raise
@@ -390,20 +388,15 @@ class Model:
             if f.kind == SAVEPOINT:
                 f.detached = True
 
-    def _scope(
-        self,
-        propagation: str,
-        body: list[Op],
-        fail: bool,
-        stack: list[MFrame],
-        gen: object | None,
-        decorated: bool = False,
-    ) -> None:
-        # A decorated call's scope ends before it returns, so no generator holds
-        # it: the generator rule is not applied to it, but to the scopes it opens.
-        frame = self._enter(propagation, stack, None if decorated else gen)
+    def _scope(self, propagation: str, body: list[Op], fail: bool, stack: list[MFrame]) -> None:
+        # Not entered in a generator: the programs open every scope (but a
+        # generator's own) in a plain function or coroutine with a with statement
+        # (or a decorated call), which ends it before it returns, so the
+        # generator that called it cannot yield while it is open. The generator
+        # rule is for the generator's own scope (docs/design.md).
+        frame = self._enter(propagation, stack, False)
         try:
-            self._body(body, stack, gen)
+            self._body(body, stack)
             if fail:
                 raise ModelError("Boom")
         except ModelError as err:
@@ -411,17 +404,16 @@ class Model:
             raise
         self._exit(frame, None, stack)
 
-    def _gen(self, op: Gen, stack: list[MFrame], caller_gen: object | None) -> None:
-        gen = object()  # this generator
-        frame = self._enter(op.propagation, stack, gen)
+    def _gen(self, op: Gen, stack: list[MFrame]) -> None:
+        frame = self._enter(op.propagation, stack, True)
         try:
-            self._body(op.body, stack, gen)
+            self._body(op.body, stack)
         except ModelError as err:
             self._exit(frame, err, stack)
             raise
         frame.hidden = True  # suspended at its yield
         try:
-            self._body(op.between, stack, caller_gen)
+            self._body(op.between, stack)
         except ModelError:
             frame.hidden = False
             self._exit(frame, ABANDONED, stack)

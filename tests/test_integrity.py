@@ -828,6 +828,35 @@ def test_nested_scope_in_a_helper_a_generator_calls_is_allowed(env: Env) -> None
     env.assert_clean()
 
 
+async def test_async_nested_scope_in_a_coroutine_an_abandoned_generator_awaits(
+    aenv: Env,
+) -> None:
+    """The state model's counterexample: an async generator joined to its
+    caller's transaction awaits a coroutine that opens a ``nested`` scope, and is
+    then closed before it finishes. The coroutine ends its savepoint before the
+    generator can yield, so nothing is refused, the abandoned generator fails
+    nothing, and the caller's writes commit with the savepoint's."""
+    manager = aenv.manager
+
+    async def helper() -> None:
+        async with manager.async_session_scope(propagation="nested") as session:
+            session.add(User(name="helper"))
+
+    async def gen() -> AsyncIterator[None]:
+        async with manager.async_session_scope():
+            await helper()
+            yield
+
+    async with manager.async_session_scope() as session:
+        session.add(User(name="caller"))
+        await session.flush()
+        abandoned = gen()
+        await abandoned.__anext__()
+        await abandoned.aclose()
+    assert sorted(aenv.rows()) == ["caller", "helper"]
+    aenv.assert_clean()
+
+
 def test_with_statement_entry_is_told_from_a_call() -> None:
     """How a caller entered a scope decides whether the generator walk can be
     skipped: only its own ``with`` / ``async with`` statement ends the scope
