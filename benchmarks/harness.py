@@ -39,12 +39,24 @@ class Measurement:
     per_tx: dict[str, list[float]]  # seconds per transaction, one value per round
     tx_done: dict[str, int]  # transactions each contender ran, warm-up included
     checked_out_max: dict[str, int] = field(default_factory=dict)
+    # Seconds of this process's CPU time and of wall time, summed over each
+    # contender's batches: their quotient says whether the process is CPU-bound.
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: dict[str, float] = field(default_factory=dict)
 
     def record(
-        self, name: str, elapsed: float, tx_per_unit: int, probe: Callable[[], int] | None
+        self,
+        name: str,
+        elapsed: float,
+        tx_per_unit: int,
+        probe: Callable[[], int] | None,
+        cpu: float = 0.0,
     ) -> None:
-        """Book one timed batch of ``name`` (and the pool probe read after it)."""
+        """Book one timed batch of ``name``: its wall time, the process CPU time it
+        used, and the pool probe read after it."""
         self.per_tx[name].append(elapsed / (self.units * tx_per_unit))
+        self.wall_seconds[name] = self.wall_seconds.get(name, 0.0) + elapsed
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + cpu
         self.tx_done[name] += self.units * tx_per_unit
         if probe is not None:
             out = probe()
@@ -82,9 +94,11 @@ def measure_sync(
     for order in _rotations(names, plan.rounds):
         for name in order:
             gc.collect()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             runners[name](units)
-            result.record(name, time.perf_counter() - t0, tx_per_unit, probe)
+            elapsed = time.perf_counter() - t0
+            result.record(name, elapsed, tx_per_unit, probe, time.process_time() - c0)
     gc.unfreeze()
     return result
 
@@ -111,9 +125,11 @@ async def measure_async(
     for order in _rotations(names, plan.rounds):
         for name in order:
             gc.collect()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             await runners[name](units)
-            result.record(name, time.perf_counter() - t0, tx_per_unit, probe)
+            elapsed = time.perf_counter() - t0
+            result.record(name, elapsed, tx_per_unit, probe, time.process_time() - c0)
     gc.unfreeze()
     return result
 
@@ -126,8 +142,9 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(m: Measurement, throughput: bool) -> dict[str, dict[str, Any]]:
-    """Per contender: median time per transaction (and tx/s), and the median of the
-    per-round ratios to raw with its interquartile range.
+    """Per contender: median time per transaction (and tx/s), the median of the
+    per-round ratios to raw with its interquartile range, and the share of the
+    wall time this process spent on a CPU (near 1: the process is the bottleneck).
 
     For a throughput workload the ratio is raw time / contender time, i.e. the
     throughput ratio (higher is better); otherwise contender / raw (lower is better).
@@ -147,6 +164,7 @@ def summarize(m: Measurement, throughput: bool) -> dict[str, dict[str, Any]]:
             "ratio_q1": round(q1, 4),
             "ratio_q3": round(q3, 4),
             "transactions": m.tx_done[name],
+            "cpu_share": round(m.cpu_seconds[name] / m.wall_seconds[name], 3),
         }
         if name in m.checked_out_max:
             out[name]["pool_checked_out_after_batches_max"] = m.checked_out_max[name]

@@ -62,12 +62,13 @@ TARGETS: tuple[dict[str, Any], ...] = (
     {
         "name": "throughput, 200 async tasks, PostgreSQL pool 10",
         "workload": "concurrent_async_postgresql", "variant": "sessionscope",
-        "op": ">=", "limit": 1.25,
+        "op": ">=", "limit": 1.25, "instructions_field": "instructions_throughput_ratio",
     },
     {
         "name": "throughput vs commit() + close() by hand, same rounds",
         "workload": "concurrent_async_postgresql", "variant": "sessionscope",
         "op": ">=", "limit": 0.98, "field": "vs_raw_close",
+        "instructions_field": "instructions_vs_raw_close",
     },
     *(
         {
@@ -94,7 +95,9 @@ def _plans(profile: str) -> dict[str, Plan]:
     return {
         "sqlite": Plan(rounds=max(5, round(25 * scale)), batch_seconds=0.05, warmup=30),
         "server": Plan(rounds=max(5, round(15 * scale)), batch_seconds=0.1, warmup=20),
-        "concurrent": Plan(rounds=max(6, round(16 * scale)), batch_seconds=0.3, warmup=1),
+        # A round's ratio of two batches of the same code spreads by +-10% here:
+        # many short rounds rather than a few long ones.
+        "concurrent": Plan(rounds=max(6, round(48 * scale)), batch_seconds=0.15, warmup=1),
     }
 
 
@@ -207,14 +210,14 @@ def _finish(
     entry["rounds"] = m.rounds
     entry["units"] = m.units
     entry["variants"] = summarize(m, workload.throughput)
-    if "raw_close" in m.per_tx and "sessionscope" in m.per_tx:
-        # The hand-written ceiling, measured in the same rounds: the median of the
-        # per-round throughput ratios of the scope to it.
-        ratios = [
-            ceiling / scope
-            for scope, ceiling in zip(m.per_tx["sessionscope"], m.per_tx["raw_close"], strict=True)
-        ]
-        entry["variants"]["sessionscope"]["vs_raw_close"] = round(statistics.median(ratios), 4)
+    ceiling = m.per_tx.get("raw_close")
+    if ceiling is not None:
+        # The hand-written ceiling, measured in the same rounds: the median of each
+        # contender's per-round throughput ratios to it.
+        for variant, per_tx in m.per_tx.items():
+            if variant != "raw_close":
+                ratios = [c / x for x, c in zip(per_tx, ceiling, strict=True)]
+                entry["variants"][variant]["vs_raw_close"] = round(statistics.median(ratios), 4)
     problems = []
     for variant, found in rows.items():
         expected = m.tx_done[variant] * workload.rows_per_tx
@@ -302,12 +305,15 @@ def _added_latency(direct: str, proxied: str, n: int = 200) -> dict[str, float]:
 
 def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[float]]]) -> None:
     """Mean instructions per transaction over the layouts, and the mean of the
-    per-layout ratios to raw with their range."""
+    per-layout ratios to raw with their range. For a throughput workload (whose
+    process is CPU-bound) also the throughput those counts predict, relative to
+    raw and to the hand-written ceiling: the inverse cost ratios."""
     for name, per_variant in counts.items():
         entry = out.get(name)
         if entry is None or "variants" not in entry:
             continue
         base = per_variant.get("raw")
+        ceiling = per_variant.get("raw_close")
         for variant, per_layout in per_variant.items():
             fig = entry["variants"].get(variant)
             if fig is None:
@@ -317,6 +323,12 @@ def _apply_instructions(out: dict[str, Any], counts: dict[str, dict[str, list[fl
                 ratios = [x / b for x, b in zip(per_layout, base, strict=True)]
                 fig["instructions_ratio"] = round(statistics.fmean(ratios), 4)
                 fig["instructions_ratio_layouts"] = [round(r, 4) for r in ratios]
+                if entry["throughput"]:
+                    inverse = statistics.fmean(1 / r for r in ratios)
+                    fig["instructions_throughput_ratio"] = round(inverse, 4)
+            if entry["throughput"] and ceiling and variant != "raw_close":
+                shares = [c / x for x, c in zip(per_layout, ceiling, strict=True)]
+                fig["instructions_vs_raw_close"] = round(statistics.fmean(shares), 4)
 
 
 def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
@@ -324,21 +336,26 @@ def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
     if every figure available meets it (None when nothing was measured). A target
     with ``basis: instructions`` (the SQLite overhead targets of issue 13, which
     wall clock on a shared 2-core machine cannot resolve to a per cent) is judged
-    on the instruction ratio, the wall-clock one shown beside it."""
+    on the instruction ratio, the wall-clock one shown beside it; so is a
+    throughput target (its ``instructions_field``), whose process is CPU-bound:
+    client instructions per transaction, counted against the real server, decide
+    its throughput, and wall clock on this machine does not resolve 2% (the
+    ceiling measured against itself in the same rounds shows how far it does)."""
     results = []
     for target in TARGETS:
         row: dict[str, Any] = dict(target)
         entry = out.get(target["workload"], {})
         fig = entry.get("variants", {}).get(target["variant"])
         checks: list[bool] = []
-        by_instructions = target.get("basis") == "instructions"
+        by_instructions = target.get("basis") == "instructions" or "instructions_field" in target
+        counted = target.get("instructions_field", "instructions_ratio")
         if fig is not None and target.get("field", "ratio") in fig:
             row["wall"] = fig[target.get("field", "ratio")]
-            if not (by_instructions and "instructions_ratio" in fig):
+            if not (by_instructions and counted in fig):
                 checks.append(_meets(row["wall"], target))
-            if "instructions_ratio" in fig:
-                row["instructions"] = fig["instructions_ratio"]
-                checks.append(_meets(fig["instructions_ratio"], target))
+            if counted in fig:
+                row["instructions"] = fig[counted]
+                checks.append(_meets(fig[counted], target))
             if "pool_after" in entry:
                 out_now = entry["pool_after"].get("checked_out")
                 row["pool_checked_out_after"] = out_now
@@ -391,7 +408,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--callgrind-only",
         default=None,
         help="comma-separated substrings of the workloads to count (default: every SQLite "
-        "one; with --smoke: the decorator ones, which import no peer library)",
+        "one and, client side, the 200-task one; with --smoke: the decorator ones, which "
+        "import no peer library)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="where to write results"
@@ -471,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy.stop()
     meta["machine"]["loadavg_after_wall_clock"] = [round(x, 2) for x in os.getloadavg()]
 
-    counted = [w for w in selected if w.backend == "sqlite"]
+    counted = [w for w in selected if w.backend == "sqlite" or (w in pg_wanted and w.client_bound)]
     only = args.callgrind_only
     if only is None and args.smoke:
         # Valgrind start-up with the peers imported takes ~30 s; the smoke run only
@@ -498,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             try:
-                counts, details = callgrind.count(counted, n, warmup, layouts)
+                counts, details = callgrind.count(
+                    counted, n, warmup, layouts, server_url=args.pg_url if pg_wanted else None
+                )
             except RuntimeError as err:
                 # Keep the wall-clock figures of the run; say why counts are missing.
                 meta["callgrind"] = f"failed: {str(err).splitlines()[0]}"
