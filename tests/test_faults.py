@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from sessionscope import SessionConfig, SessionManager
+from sessionscope import RollbackOnlyError, SessionConfig, SessionManager
 from sessionscope._retry import error_code, is_transient
 
 from .conftest import require_server, reset_schema
@@ -217,3 +218,44 @@ def test_deadlock_error_code_is_the_servers(server: tuple[SessionManager, Server
     assert error_code(errors[0]) == ("40P01" if admin.backend == "postgresql" else "1213")
     with manager.session_scope() as s:
         assert s.scalar(select(func.sum(Counter.value))) == 2
+
+
+def test_deadlock_caught_by_the_body_is_never_committed(
+    server: tuple[SessionManager, Server],
+) -> None:
+    """The victim's body catches the deadlock error and goes on writing. The
+    server has already rolled the victim's transaction back (PostgreSQL aborts
+    it; MariaDB ends it, and the next statement quietly begins a new one), so a
+    COMMIT would commit nothing, or only what followed the deadlock. The scope
+    refuses it: the victim raises RollbackOnlyError and none of its writes,
+    before or after the deadlock, is committed."""
+    manager, _ = server
+    _seed_counters(manager)
+    barrier = threading.Barrier(2, timeout=30)
+    outcome: dict[int, str] = {}
+
+    def move(first: int, second: int) -> None:
+        try:
+            with manager.session_scope() as session:
+                session.execute(
+                    update(Counter).where(Counter.id == first).values(value=Counter.value + 1)
+                )
+                barrier.wait()
+                try:
+                    session.execute(
+                        update(Counter).where(Counter.id == second).values(value=Counter.value + 1)
+                    )
+                except sa_exc.DBAPIError:
+                    session.add(User(name=f"written after the deadlock by {first}"))
+                    outcome[first] = "caught"
+            outcome.setdefault(first, "committed")
+        except RollbackOnlyError:
+            outcome[first] += ", refused"
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(move, 1, 2), pool.submit(move, 2, 1)]:
+            future.result()
+    assert sorted(outcome.values()) == ["caught, refused", "committed"], outcome
+    assert _counter_values(manager) == [1, 1]  # the winner's two updates only
+    assert user_names(manager) == []
+    assert manager.get_stats()["active_sessions"] == 0

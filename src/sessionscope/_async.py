@@ -105,7 +105,10 @@ class AsyncScope:
             raise RuntimeError("async session scope exited without being entered")
         _core.pop(frame)
         if frame.action is _JOIN:
-            _core.exit_frame(frame.session, frame, exc)  # no I/O: marks the owner at most
+            if _core.outlived(frame):  # the owner ended first: a rollback to send
+                await greenlet_spawn(_core.exit_frame, frame.session, frame, exc)
+            else:
+                _core.exit_frame(frame.session, frame, exc)  # no I/O: marks the owner at most
             return
         if isinstance(exc, asyncio.CancelledError):
             await self._cleanup_cancelled(frame, exc)

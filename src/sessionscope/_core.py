@@ -54,6 +54,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _watch
+from ._aborted import FAILED, aborted
 from ._backend import INTERNAL_ROLLBACK, ROUTED_TO_REPLICA
 from ._config import LEVELNO
 from ._errors import (
@@ -67,7 +68,7 @@ from ._errors import (
 from ._observe import Outcome, TransactionInfo, TransactionObserver
 from ._policy import ALONE, JOINING, Action, decide
 from ._poolwait import waited
-from ._retry import describe, is_disconnect, retry_delay_for
+from ._retry import attribute_of, describe, is_disconnect, retry_delay_for
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -97,6 +98,7 @@ __all__ = [
     "next_retry",
     "on_commit",
     "open_frame",
+    "outlived",
     "pool_exhausted",
     "pop",
     "push",
@@ -926,6 +928,8 @@ def exit_frame(session: Session, frame: Frame, exc: BaseException | None) -> Exi
                     # Flush first: a failure there happened before COMMIT was sent,
                     # so its outcome is known (nothing committed) and a transient
                     # one may be retried.
+                    if FAILED:  # before the flush, which would fail or start anew
+                        _refuse_if_aborted(session)
                     session.flush()
                     try:
                         session.commit()
@@ -983,6 +987,8 @@ def _exit_inner(frame: Frame, exc: BaseException | None) -> Exit:
             with contextlib.suppress(ValueError):
                 inner.remove(frame)
     if action is _JOIN:
+        if outlived(frame):
+            _end_outlived(frame, exc)
         if (
             exc is not None
             and frame.cfg.auto_rollback
@@ -1005,6 +1011,38 @@ def _exit_inner(frame: Frame, exc: BaseException | None) -> Exit:
     if frame.function is not None and frame.stats is not None:
         _record_call(frame, exc is not None and not _is_expected(frame.cfg, exc))
     return _NOTHING
+
+
+_OUTLIVED: Final = (
+    "the scope this one joined ended before it (a generator resumed after its "
+    "caller's scope ended?): SQLAlchemy reopened the closed session on use, so the "
+    "work done since then ran in a transaction of its own, which was rolled back. "
+    'Give the generator a session of its own (propagation="requires_new"), or '
+    "finish it inside the caller's scope."
+)
+
+
+def outlived(frame: Frame) -> bool:
+    """Whether ``frame`` joined a scope that has ended, and its session has been
+    used since (so ending ``frame`` must roll back and return a connection)."""
+    root = frame.root
+    return root is not None and root.state is _CLOSED and frame.session.in_transaction()
+
+
+def _end_outlived(frame: Frame, exc: BaseException | None) -> None:
+    """End the transaction a joined frame's session began after its owner
+    closed it: nothing would commit or close it. Raises
+    :class:`RollbackOnlyError` when the body did not raise; an abandoned
+    generator (``GeneratorExit``) only logs it."""
+    session = frame.session
+    try:
+        session.close()
+    except BaseException:
+        _quietly(session.invalidate, "invalidating a connection whose close failed")
+        raise
+    if exc is None:
+        raise RollbackOnlyError(_OUTLIVED)
+    logger.warning("%s", _OUTLIVED)
 
 
 def _record_call(frame: Frame, failed: bool) -> None:
@@ -1036,9 +1074,9 @@ def _is_expected(cfg: SessionConfig, exc: BaseException) -> bool:
     limit = cfg.expected_status_below
     if not limit:
         return False
-    status = getattr(exc, "status_code", None)
+    status = attribute_of(exc, "status_code")
     if status is None and type(exc).__module__.startswith("werkzeug"):
-        status = getattr(exc, "code", None)
+        status = attribute_of(exc, "code")
     return isinstance(status, int) and not isinstance(status, bool) and 0 < status < limit
 
 
@@ -1491,11 +1529,37 @@ def _before_commit(session: Session) -> None:
             _refuse_if_vetoed(root)
         return
     _refuse_if_vetoed(root)
+    if FAILED:
+        _refuse_if_aborted(session)
     root.commit_in_flight = True
     root.connection_tx = None  # this COMMIT ends it: not behind the session's back
     if root.boundary is not None:
         # From here on the unit is no longer atomic: never re-run it.
         root.boundary.mark_committed()
+
+
+def _refuse_if_aborted(session: Session) -> None:
+    """Raise :class:`RollbackOnlyError` for the COMMIT of a transaction the
+    server already ended at a failed statement the body caught."""
+    backend = aborted(session)
+    if backend is None:
+        return
+    if backend == "postgresql":
+        what = (
+            "PostgreSQL aborted it at that failure and would answer COMMIT with a "
+            "ROLLBACK of all of it"
+        )
+    else:
+        what = (
+            "the server rolled it back at that deadlock, so COMMIT would commit only "
+            "what followed"
+        )
+    raise RollbackOnlyError(
+        "this transaction cannot commit: a statement failed in it and the body went "
+        f"on; {what}. Nothing was committed. Run a statement that may fail in a "
+        'nested scope (propagation="nested"), whose failure rolls back to its '
+        "SAVEPOINT only, or let the error end the scope (a deadlock is retried)."
+    )
 
 
 def _refuse_if_vetoed(root: Frame) -> None:

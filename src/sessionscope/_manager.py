@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Unpack
 
-from . import _backend, _core, _poolwait, _watch
+from . import _aborted, _backend, _core, _poolwait, _watch
 from ._async import AsyncScope, acall_with_retry, decorate_async
 from ._cluster import Cluster
 from ._config import SessionConfig, validate_overrides
@@ -285,6 +285,7 @@ class SessionManager(Generic[S_co, AS_co]):
     def _prepare_engine(self, engine: Engine) -> None:
         _backend.apply_sqlite_savepoint_recipe(engine)
         _backend.release_failed_aiosqlite_cursors(engine)
+        _aborted.track(engine)
         _poolwait.install(engine, self._stats)
 
     def add_observer(self, observer: TransactionObserver) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ._config import SessionConfig
 
 __all__ = [
+    "attribute_of",
     "backoff_delay",
     "describe",
     "error_code",
@@ -139,12 +140,22 @@ def is_disconnect(exc: BaseException) -> bool:
     )
 
 
+def attribute_of(exc: BaseException, name: str) -> object:
+    """``exc.name``, or None when it has none or reading it raises: the
+    exception is the application's, and its properties may fail (one over a
+    missing response), which must not replace it or stop a scope's cleanup."""
+    try:
+        return getattr(exc, name, None)
+    except Exception:
+        return None
+
+
 def error_code(exc: BaseException) -> str | None:
     """The driver's error code of a database error, as text: the SQLSTATE on
     PostgreSQL, the error number on MySQL/MariaDB, the result code name
     (``SQLITE_BUSY``) on SQLite; None when there is none. Never the message,
     which can hold SQL and bound parameters."""
-    orig = getattr(exc, "orig", None)
+    orig = attribute_of(exc, "orig")
     if not isinstance(orig, BaseException):
         return None
     return driver_error_code(orig)
@@ -153,7 +164,7 @@ def error_code(exc: BaseException) -> str | None:
 def describe(exc: BaseException) -> str:
     """``OperationalError [SerializationFailure 40001]``: the error class, the
     driver's error class and its code, safe for logs and messages."""
-    orig = getattr(exc, "orig", None)
+    orig = attribute_of(exc, "orig")
     if not isinstance(orig, BaseException):
         return type(exc).__name__
     # Async drivers reach SQLAlchemy wrapped in its adapter classes; the driver's
