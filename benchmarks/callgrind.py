@@ -72,7 +72,14 @@ def _child(
 ) -> None:
     workloads = [by_name(name) for name in names]
     order: list[list[str]] = []
-    env = Env("sqlite", "sqlite://") if url is None else Env("postgresql", url, tag="_cg")
+    # Under valgrind, with other children on the same cores, a task of the
+    # 200-task workload can queue for a pooled connection longer than the
+    # default 30 s: only the timeout is raised, the pool stays at 10.
+    env = (
+        Env("sqlite", "sqlite://")
+        if url is None
+        else Env("postgresql", url, tag="_cg", pool_timeout=3600)
+    )
     if mode == "sync":
         env.setup_sync()
         for workload in workloads:  # first use of every path: caches, heap growth

@@ -54,7 +54,15 @@ class Env:
     PostgreSQL URL). Async objects are created in :meth:`setup_async`, inside the
     event loop that will use them."""
 
-    def __init__(self, backend: str, url: str, *, pool_size: int = 10, tag: str = "") -> None:
+    def __init__(
+        self,
+        backend: str,
+        url: str,
+        *,
+        pool_size: int = 10,
+        tag: str = "",
+        pool_timeout: float | None = None,
+    ) -> None:
         self.backend = backend
         self.url = url
         table = (
@@ -65,6 +73,8 @@ class Env:
         if backend == "postgresql":
             # SPEC section 5: pool of 10 and no overflow, so 200 tasks queue for it.
             options = {"pool_size": pool_size, "max_overflow": 0}
+            if pool_timeout is not None:
+                options["pool_timeout"] = pool_timeout
         self.manager = SessionManager(url, **options)
         self._options = options
         self.plain_engine: Engine | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import platform
 import sqlite3
@@ -31,7 +32,7 @@ from . import callgrind, report
 from .env import Env
 from .harness import Measurement, Plan, measure_async, measure_sync, summarize
 from .proxy import Proxy
-from .workloads import LABELS, PEERS, WORKLOADS, Workload
+from .workloads import LABELS, PEERS, WORKLOADS, Workload, by_name
 
 __all__ = ["main"]
 
@@ -416,11 +417,44 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--name", default="latest", help="file stem of the results (latest)")
     parser.add_argument("--no-png", action="store_true", help="do not draw the chart")
+    parser.add_argument(
+        "--recount",
+        type=Path,
+        default=None,
+        help="count instructions only, into this results file of an earlier run "
+        "(its wall-clock figures kept; the code counted is recorded)",
+    )
     return parser.parse_args(argv)
+
+
+def _recount(args: argparse.Namespace) -> int:
+    """Instruction counts for the workloads of an earlier run's results file,
+    written back into it: for a run whose counting failed, or code changed since
+    its wall clock was measured (``meta.callgrind.code`` says which)."""
+    doc = json.loads(args.recount.read_text())
+    names = [n for n, e in doc["workloads"].items() if "variants" in e]
+    workloads = [by_name(n) for n in names]
+    counted = [w for w in workloads if w.backend == "sqlite" or w.client_bound]
+    layouts = args.callgrind_layouts or callgrind.LAYOUTS
+    n = args.callgrind_n or 8 * JOURNAL_LIMIT
+    print(f"  callgrind: counting instructions (N={n} and 2N, {layouts} layout(s))...", flush=True)
+    counts, details = callgrind.count(counted, n, 20, layouts, server_url=args.pg_url)
+    details["valgrind"] = callgrind.valgrind_version()
+    details["code"] = collect_meta()["sessionscope"]
+    doc["meta"]["callgrind"] = details
+    _apply_instructions(doc["workloads"], counts)
+    doc["targets"] = evaluate_targets(doc["workloads"])
+    report.write_json(doc, args.recount)
+    if not args.no_png:
+        report.write_png(doc, args.recount.with_suffix(".png"))
+    print(report.render_table(doc))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.recount is not None:
+        return _recount(args)
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     plans = _plans(profile)
     filters = [f.strip() for f in args.only.split(",") if f.strip()]

@@ -8,6 +8,7 @@ transaction).
 No ``from __future__ import annotations``: kept like test_integrity.py.
 """
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from sessionscope import RollbackOnlyError
+from sessionscope import RollbackOnlyError, _aborted
 
 from .integrity import Env, make_env
 from .models import User
@@ -62,6 +63,8 @@ def test_caught_statement_error_on_postgresql_refuses_the_commit(env: Env) -> No
         assert env.rows() == ["before the error"] and ran == ["callback"]
         assert _stats(env) == (before[0] + 1, before[1])
     env.assert_clean()
+    gc.collect()
+    assert not _aborted.FAILED  # the record goes with its connection: nothing kept
 
 
 async def test_async_caught_statement_error_on_postgresql_refuses_the_commit(

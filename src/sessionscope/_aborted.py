@@ -33,13 +33,12 @@ __all__ = ["FAILED", "aborted", "track"]
 
 _MYSQL_DEADLOCK: Final = 1213
 
-FAILED: Final[weakref.WeakKeyDictionary[Connection, RootTransaction]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Connections whose current transaction the server ended at a failed
-statement, with that transaction (a later one on the same connection is not
-affected). Empty unless such a failure happened: a caller tests it before
-calling :func:`aborted`."""
+FAILED: Final[dict[int, tuple[weakref.ref[Connection], weakref.ref[RootTransaction]]]] = {}
+"""By ``id()`` of a connection whose current transaction the server ended at a
+failed statement: weak references to the connection and to that transaction (a
+later one on the same connection is not affected). An entry goes with its
+connection. A plain dict, empty unless such a failure happened: the scope tests
+it on every COMMIT, and a dict's truth is cheaper than a weak dictionary's."""
 
 _tracked: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -67,7 +66,11 @@ def track(engine: Engine) -> None:
             return
         transaction = connection.get_transaction()
         if transaction is not None:
-            FAILED[connection] = transaction
+            key = id(connection)
+            FAILED[key] = (
+                weakref.ref(connection, lambda _gone: FAILED.pop(key, None)),
+                weakref.ref(transaction),
+            )
 
     event.listen(engine, "handle_error", _record)
 
@@ -77,7 +80,10 @@ def aborted(session: Session) -> str | None:
     the transaction ``session`` is in at a failed statement; None when it did
     not (see the module's text)."""
     connection = session.connection()
-    failed = FAILED.get(connection)
-    if failed is None or failed is not connection.get_transaction():
+    failed = FAILED.get(id(connection))
+    if failed is None or failed[0]() is not connection:
+        return None
+    transaction = connection.get_transaction()
+    if transaction is None or failed[1]() is not transaction:
         return None
     return connection.dialect.name

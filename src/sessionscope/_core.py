@@ -386,8 +386,7 @@ class Frame:
 def context_key() -> object:
     """Who is running: the current asyncio task; else the caller bound by
     :data:`worker_key`; else the current thread's id."""
-    loop = _get_running_loop()
-    if loop is not None:
+    if (loop := _get_running_loop()) is not None:
         # Given the loop, current_task() does not look it up again (on 3.11 each
         # lookup is a getpid() system call).
         task = current_task(loop)
