@@ -8,8 +8,9 @@ quietly begins a new one. Either way, a body that catches the error and goes on
 would have its scope "commit" nothing, or only what followed the error, counted
 as a success. SQLAlchemy does not notice: its transaction stays open.
 
-A ``handle_error`` listener (it runs only when a statement fails, so it costs
-nothing otherwise) records the transaction of such a failure; the commit of
+A ``handle_error`` listener (it runs only when a statement fails; having one
+makes SQLAlchemy test the dialect's statement hooks at each statement, an
+attribute test and an empty loop) records the transaction of such a failure; the commit of
 that transaction is refused (:func:`aborted`). On PostgreSQL a failure inside a
 SAVEPOINT is not recorded: rolling back to the savepoint, which is what a
 ``nested`` scope does when its body fails, restores the transaction. A
