@@ -133,6 +133,7 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
         "fastapi_async_sqlalchemy": "#8c6bb1",
         "advanced_alchemy": "#e6842a",
         "raw_close": "#999999",
+        "raw_close_again": "#777777",
         "raw_recipe": "#cccccc",
     }
     height = max(4.0, 0.28 * len(rows) + 1.5)
