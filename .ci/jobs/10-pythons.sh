@@ -13,6 +13,7 @@ tests=(
     tests/test_review_findings.py
     tests/test_review2_findings.py
     tests/test_review3_findings.py
+    tests/test_exit_review.py
     tests/test_model.py
 )
 for version in 3.10 3.12 3.13; do
