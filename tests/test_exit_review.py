@@ -197,18 +197,16 @@ async def test_async_body_exception_whose_attributes_raise_still_ends_the_scope(
 # -- a joined generator that outlives the scope it joined --------------------------------
 
 
-def test_joined_generator_resumed_after_its_owner_ended(env: Env) -> None:
-    """A generator's scope joins its caller's; the caller's scope ends (commits
-    and closes the session) while the generator is suspended; the generator is
-    resumed and writes. SQLAlchemy reopens a closed session on use, so the write
-    went to a new transaction that nothing committed or closed: lost without an
-    error, with a connection left checked out. The joined scope's end now rolls
-    that work back, returns the connection and raises."""
+def _suspended_past_its_owner(env: Env, first: str | None) -> Iterator[None]:
+    """A generator whose scope joins its caller's, suspended at its first yield
+    (having written ``first``, if given) inside a caller's scope that has since
+    ended; resumed, it writes "after the owner ended" and yields again."""
     manager = env.manager
 
     def writer() -> Iterator[None]:
         with manager.session_scope() as session:
-            session.add(User(name="inside the owner's transaction"))
+            if first is not None:
+                session.add(User(name=first))
             yield
             session.add(User(name="after the owner ended"))
             session.flush()
@@ -217,6 +215,17 @@ def test_joined_generator_resumed_after_its_owner_ended(env: Env) -> None:
     resumed = writer()
     with manager.session_scope():
         next(resumed)
+    return resumed
+
+
+def test_joined_generator_resumed_after_its_owner_ended(env: Env) -> None:
+    """A generator's scope joins its caller's; the caller's scope ends (commits
+    and closes the session) while the generator is suspended; the generator is
+    resumed and writes. SQLAlchemy reopens a closed session on use, so the write
+    went to a new transaction that nothing committed or closed: lost without an
+    error, with a connection left checked out. The joined scope's end now rolls
+    that work back, returns the connection and raises."""
+    resumed = _suspended_past_its_owner(env, "inside the owner's transaction")
     with pytest.raises(RollbackOnlyError, match="ended before"):
         next(resumed)  # writes, then reaches the second yield
         next(resumed, None)  # ends the joined scope
@@ -230,18 +239,7 @@ def test_abandoned_joined_generator_after_its_owner_ended(
     """Abandoned instead of finished: the work after the owner ended is rolled
     back and the connection returned, with a warning rather than an error (its
     consumer chose to stop)."""
-    manager = env.manager
-
-    def writer() -> Iterator[None]:
-        with manager.session_scope() as session:
-            yield
-            session.add(User(name="after the owner ended"))
-            session.flush()
-            yield
-
-    resumed = writer()
-    with manager.session_scope():
-        next(resumed)
+    resumed = _suspended_past_its_owner(env, None)
     next(resumed)
     with caplog.at_level(logging.WARNING, logger="sessionscope"):
         resumed.close()
