@@ -159,7 +159,9 @@ class Stats:
     """Counters of one manager; see the module docstring for the two views.
 
     Event methods are called by the transaction core only when monitoring is
-    enabled for the scope; with ``enable_monitoring=False`` nothing here runs.
+    enabled for the scope; with ``enable_monitoring=False`` nothing here runs,
+    except :meth:`pool_waited`: the pool calls it at every checkout, for every
+    manager on the engine, since a scope may turn monitoring on for itself.
     """
 
     def __init__(self) -> None:
