@@ -230,14 +230,16 @@ def count(
         for _tag, proc, _order_file, log in started:
             proc.wait()
             log.close()
+        # A failed child fails the count: say so now, not after the next wave.
+        for tag, proc, _order_file, _log in started:
+            if proc.returncode != 0:
+                tail = (tmp / f"valgrind-{tag}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"callgrind child ({tag}) exited with {proc.returncode}:\n{tail}"
+                )
         jobs += started
     counts: dict[str, dict[str, list[float]]] = {}
     for tag, proc, order_file, _log in jobs:
-        if proc.returncode != 0:
-            tail = (tmp / f"valgrind-{tag}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(
-                f"callgrind child ({tag}) exited with {proc.returncode}:\n{tail}"
-            )
         order = json.loads(order_file.read_text())
         parts = _parts(tmp, proc.pid)
         if len(parts) != 3 * len(order):
